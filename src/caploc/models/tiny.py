@@ -52,8 +52,9 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(model_type)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg, k, 1 if k != "pad_token_id" else 0)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    # random init of HF is small; scale up weights a little so activations and attributions are not degenerate
     return model.eval()
