@@ -1,0 +1,86 @@
+"""The typer application, shared options and error handling."""
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+from rich.console import Console
+
+from ..errors import CaplocError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="caploc: find, test and fine-tune the MLP neurons that carry a capability.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run(argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        app(args=argv, prog_name="caploc", standalone_mode=False)
+    except CaplocError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except SystemExit as e:  # typer/click exit
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished shards are kept and the same command resumes")
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            return e.exit_code
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """'10-29' or '0,3,5' or None."""
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise CaplocError(f"cannot parse --layers {text!r}; use e.g. '10-29' or '0,3,5'") from None
+    return out
+
+
+def load_model_from_opts(model: str, dtype: str, device: str, device_map: str | None, layout: str | None):
+    from ..models.loading import load_model
+
+    with console.status(f"loading {model} ...", spinner="dots"):
+        return load_model(model, dtype=dtype, device=device, device_map=device_map, layout=layout)
+
+
+def print_neuron_summary(ns, title: str) -> None:
+    from rich.table import Table
+
+    counts = ns.per_layer_counts()
+    share_p = ns.share_of_params()
+    console.print(f"[bold]{title}[/]: {len(ns)} neurons = {100 * ns.share_of_neurons():.4f}% of MLP neurons"
+                  + (f" = {100 * share_p:.4f}% of parameters" if share_p is not None else ""))
+    if len(ns):
+        t = Table("layer", "neurons", "", box=None, pad_edge=False)
+        mx = max(counts.max(), 1)
+        for l, c in enumerate(counts):
+            if c:
+                t.add_row(str(l), str(int(c)), "█" * max(1, round(30 * c / mx)))
+        console.print(t)

@@ -1,0 +1,70 @@
+"""``caploc locate``: score neurons on a dataset and keep the commonality neurons."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, console, load_model_from_opts, parse_layers, print_neuron_summary
+
+
+@app.command()
+def locate(
+    model: str = typer.Option("smollm2-135m", help="Built-in 'smollm2-135m', a local HF model dir, a cached HF id, or tiny:<arch>."),
+    data: str = typer.Option("gsm_symbolic", help="gsm_symbolic | rg:<task> | facts | humaneval | a .json/.jsonl/.csv/.parquet file | a datasets dir."),
+    n: Optional[int] = typer.Option(None, help="Number of samples (default: the loader's default)."),
+    seed: int = typer.Option(0, help="Data seed."),
+    target: str = typer.Option("cot", help="gsm_symbolic target: cot (gold chain of thought) or answer."),
+    prompt_field: Optional[str] = typer.Option(None), target_field: Optional[str] = typer.Option(None),
+    group_field: Optional[str] = typer.Option(None),
+    method: str = typer.Option("ig", help="ig (exact per-layer integrated gradients) | grad_x_act | activation."),
+    steps: int = typer.Option(20, help="IG steps m."),
+    alphas: str = typer.Option("right", help="IG points: right (k/m) | linspace (knowledge-neurons) | midpoint."),
+    objective: str = typer.Option("logprob", help="logprob (sum of target log-probs) | prob (KN: p(first target token))."),
+    positions: str = typer.Option("all", help="Scaled/scored positions: all | target | last (last prompt token)."),
+    layers: Optional[str] = typer.Option(None, help="Layers to score, e.g. '10-29' (default all)."),
+    rule: str = typer.Option("sigma", help="Per-sample rule: sigma | topk | kn."),
+    sigma: float = typer.Option(6.0, help="sigma rule: Attr > mean + sigma*sd."),
+    topk: int = typer.Option(50), kn_t: float = typer.Option(0.2, help="kn rule: Attr > t*max."),
+    min_freq: float = typer.Option(0.5, help="Keep neurons selected in >= this fraction (<=1) or count (>1) of samples."),
+    chat: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
+    max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this many tokens."),
+    memory_mb: float = typer.Option(2048, help="Micro-batch memory budget (MB)."),
+    batch_size: int = typer.Option(8, help="Samples per batch (grad_x_act / activation)."),
+    shard_size: int = typer.Option(16, help="Samples per score-store shard (the unit of resume)."),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
+    device_map: Optional[str] = typer.Option(None, help="accelerate device_map, e.g. auto."),
+    layout: Optional[str] = typer.Option(None, help="Custom MLP layout for unknown architectures."),
+    out: Path = typer.Option(Path("runs/locate"), help="Output directory."),
+    overwrite: bool = typer.Option(False, help="Discard existing shards in --out instead of resuming."),
+    kn_json: Optional[Path] = typer.Option(None, help="Also export the set as KN-style [[layer, index], ...] JSON."),
+):
+    """Localize a capability: per-sample attribution, per-sample selection, dataset-level frequency rule."""
+    from ..attribution.engine import AttributionConfig
+    from ..data import load_dataset
+    from ..distributed import dist_info, finalize, init_from_env
+    from ..localize import LocateConfig
+    from ..localize import locate as run_locate
+
+    acfg = AttributionConfig(method=method, steps=steps, alphas=alphas, objective=objective, positions=positions,
+                             layers=parse_layers(layers), memory_mb=memory_mb, batch_size=batch_size)
+    cfg = LocateConfig(attribution=acfg, rule=rule, sigma=sigma, topk=topk, kn_t=kn_t, min_freq=min_freq, chat=chat,
+                       max_length=max_length, shard_size=shard_size)
+    init_from_env()
+    rank, world, local_device = dist_info(device)
+    try:
+        ds = load_dataset(data, n=n, seed=seed, target=target, prompt_field=prompt_field, target_field=target_field,
+                          group_field=group_field)
+        lm = load_model_from_opts(model, dtype, local_device, device_map, layout)
+        res = run_locate(lm, ds, cfg, out, overwrite=overwrite, rank=rank, world=world)
+    finally:
+        finalize()
+    if res is None:
+        return
+    if kn_json:
+        res.neurons.to_kn_json(kn_json)
+    print_neuron_summary(res.neurons, f"{ds.name} on {lm.model_id} ({method}, {rule}={cfg.rule_value}, S>={res.summary['min_count']}/{res.summary['n_samples']})")
+    if res.summary.get("completeness_rel_gap_mean") is not None:
+        console.print(f"IG completeness: median |gap| / |f(a)-f(0)| = {res.summary['completeness_rel_gap_mean']:.3g}")
+    console.print(f"wrote {out}/neurons.json, neurons.safetensors, summary.json, scores/")
