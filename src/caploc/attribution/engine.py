@@ -333,14 +333,24 @@ class Attributor:
         cap = min(cfg.max_rows, self._row_cap or cfg.max_rows)
         el = 2 if _is_low_precision(self.model) else 4
         vocab = self.model.get_output_embeddings().weight.shape[0]
+        L = site.n_layers
         n = 0
+        needed = 0  # layer-passes the rows in the chunk need: sum_r (L - l_r)
         while i + n < len(rows) and n < cap:
             l_min = rows[i + n][0]
-            depth = site.n_layers - l_min
+            depth = L - l_min
             # saved activations per row: ~ (12 d_model + 4 d_mlp) per token per layer, plus the scored logits
             per_row = (S * depth * (12 * site.d_model + 4 * site.d_mlp) + 3 * n_pred * vocab) * el
             if n > 0 and (n + 1) * per_row > cfg.memory_mb * 2**20:
                 break
+            # every row of a chunk runs from the chunk's lowest layer: only take a lower layer in while the rows are
+            # small (batching pays) or the wasted layer passes stay under 25 %
+            if n > 0 and l_min != rows[i + n - 1][0]:
+                nxt_needed = needed + sum(L - r[0] for r in rows[i + n :] if r[0] == l_min)
+                n_nxt = n + sum(1 for r in rows[i + n :] if r[0] == l_min)
+                if (n_nxt * S > 512) and n_nxt * depth > 1.25 * nxt_needed:
+                    break
+            needed += depth
             n += 1
         return max(n, 1)
 
@@ -443,7 +453,7 @@ class Attributor:
                         sc[j] = (a * grads[n_j][k].float().cpu() * m[:, None]).sum(0)
                     else:
                         sc[j] = (a.abs() * m[:, None]).sum(0) / m.sum().clamp(min=1)
-                out.append(SampleScores(sc, float(f[k]), n_tokens=len(p.input_ids)))
+                out.append(SampleScores(sc, float(f[k].detach()), n_tokens=len(p.input_ids)))
         return out
 
 
