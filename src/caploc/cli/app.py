@@ -11,7 +11,7 @@ from ..errors import CaplocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="caploc: find, test and fine-tune the MLP neurons that carry a capability.")
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 

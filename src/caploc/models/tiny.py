@@ -12,8 +12,9 @@ TINY_ARCHS = (
 
 _COMMON_DECODER = dict(
     vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256,
+    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=1, pad_token_id=0,
 )
+_IDS = dict(bos_token_id=1, eos_token_id=1)
 
 
 def tiny_config(model_type: str):
@@ -35,15 +36,15 @@ def tiny_config(model_type: str):
             final_logit_softcapping=30.0 if model_type == "gemma2" else None, **_COMMON_DECODER,
         )
     if model_type == "phi3":
-        return AutoConfig.for_model(model_type, pad_token_id=0, **_COMMON_DECODER)
+        return AutoConfig.for_model(model_type, **_COMMON_DECODER)
     if model_type == "gpt2":
-        return AutoConfig.for_model("gpt2", vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=256, n_inner=64)
+        return AutoConfig.for_model("gpt2", vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=256, n_inner=64, **_IDS)
     if model_type == "gptj":
         return AutoConfig.for_model("gptj", vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=256,
-                                    rotary_dim=4, n_inner=64)
+                                    rotary_dim=4, n_inner=64, **_IDS)
     if model_type == "gpt_neox":
         return AutoConfig.for_model("gpt_neox", vocab_size=128, hidden_size=32, num_hidden_layers=3,
-                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=256, **_IDS)
     raise ValueError(f"no tiny config for model_type {model_type!r}; known: {', '.join(TINY_ARCHS)}")
 
 
