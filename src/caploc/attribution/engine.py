@@ -253,6 +253,7 @@ class Attributor:
         cfg, site, model = self.cfg, self.site, self.model
         plan = _plan(ids, prompt_len, cfg if reuse else _no_reuse(cfg))
         self._replay = reuse
+        self._prefix_len = plan.start
         dev = site.input_device()
         inp = plan.input_ids.to(dev)
         s = plan.start
@@ -334,13 +335,17 @@ class Attributor:
         el = 2 if _is_low_precision(self.model) else 4
         vocab = self.model.get_output_embeddings().weight.shape[0]
         L = site.n_layers
+        heads = int(getattr(self.model.config, "num_attention_heads", None) or getattr(self.model.config, "n_head", 8))
+        prefix = self._prefix_len
         n = 0
         needed = 0  # layer-passes the rows in the chunk need: sum_r (L - l_r)
         while i + n < len(rows) and n < cap:
             l_min = rows[i + n][0]
             depth = L - l_min
-            # saved activations per row: ~ (12 d_model + 4 d_mlp) per token per layer, plus the scored logits
-            per_row = (S * depth * (12 * site.d_model + 4 * site.d_mlp) + 3 * n_pred * vocab) * el
+            # per row: saved activations ~ (12 d_model + 4 d_mlp) per token per layer, attention scores
+            # (heads x S x (prefix + S) per layer), the row's copy of the prefix KV cache, and the scored logits
+            per_row = (S * depth * (12 * site.d_model + 4 * site.d_mlp + 2 * heads * (prefix + S))
+                       + 2 * prefix * site.d_model * L + 3 * n_pred * vocab) * el
             if n > 0 and (n + 1) * per_row > cfg.memory_mb * 2**20:
                 break
             # every row of a chunk runs from the chunk's lowest layer: only take a lower layer in while the rows are
