@@ -1,0 +1,139 @@
+"""``caploc contrast`` (contrastive localization from stored scores) and ``caploc generic`` (generic-neuron diagnostics)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, console, load_model_from_opts, print_neuron_summary
+
+
+def _split(text: Optional[str]) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+@app.command()
+def contrast(
+    run: Path = typer.Argument(..., help="A caploc locate run directory (the target capability)."),
+    reference: Optional[str] = typer.Option(None, help="Comma-separated locate run dirs and/or dataset specs (scored "
+                                            "with the target's settings first). Default: the built-in capabilities of "
+                                            "other kinds (gsm target: facts, rg:letter_counting, rg:sentence_reordering, humaneval)."),
+    rule: str = typer.Option("subtract", help="none | subtract | freq-diff | freq-ratio | score-diff | lape."),
+    threshold: Optional[float] = typer.Option(None, help="Rule threshold (freq-diff 0.5, freq-ratio 3, score-diff 3 sd)."),
+    top_n: Optional[int] = typer.Option(None, help="Keep the n best neurons instead of a threshold."),
+    min_target_freq: Optional[float] = typer.Option(None, help="Floor on the target frequency (default: locate min_freq)."),
+    ref_agg: str = typer.Option("mean", help="Combine references: mean (equal-weight mix) | max."),
+    ref_min_freq: Optional[float] = typer.Option(None, help="subtract: reference commonality threshold (default min_freq)."),
+    ref_mode: str = typer.Option("any", help="subtract: any (each reference) | pooled."),
+    smoothing: float = typer.Option(1.0, help="freq-ratio additive smoothing."),
+    norm: str = typer.Option("z", help="score-diff per-sample normalisation: z | rank."),
+    max_entropy: float = typer.Option(0.5, help="lape: normalised entropy threshold."),
+    entropy_quantile: Optional[float] = typer.Option(None, help="lape: keep this lowest quantile of entropies instead."),
+    split_seeds: int = typer.Option(5, help="Random 2-splits for split agreement (0 = skip)."),
+    ref_n: Optional[int] = typer.Option(None, help="Samples per reference dataset spec (default: as the target)."),
+    ref_seed: Optional[int] = typer.Option(None, help="Data seed of reference dataset specs (default: the target's)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Also erase both sets on these datasets (comma-separated "
+                                            "specs; the first is on target) vs layer-matched random sets."),
+    eval_n: int = typer.Option(16, help="Samples per --eval dataset."),
+    eval_seed: int = typer.Option(1, help="Data seed of --eval datasets (use one not used for localization)."),
+    n_random: int = typer.Option(5, help="Random sets per erase comparison."),
+    model: Optional[str] = typer.Option(None, help="Model for scoring reference specs / --eval (default: the run's)."),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | auto | an accelerator"),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default RUN/contrast-<rule>)."),
+):
+    """Contrastive localization: neurons common on the target capability but not on reference capabilities."""
+    from ..contrastive import ContrastConfig, add_erase_specificity, contrast as run_contrast, is_run_dir
+    from ..data import load_dataset
+    from ..results import read_json
+
+    cfg = ContrastConfig(rule=rule, threshold=threshold, top_n=top_n, min_target_freq=min_target_freq, ref_agg=ref_agg,
+                         ref_min_freq=ref_min_freq, ref_mode=ref_mode, smoothing=smoothing, norm=norm,
+                         max_entropy=max_entropy, entropy_quantile=entropy_quantile)
+    refs = _split(reference) or None
+    lm = None
+    needs_model = eval_data is not None or refs is None or any(not is_run_dir(r) for r in refs)
+    meta = read_json(run / "neurons.json")
+    if needs_model:
+        lm = load_model_from_opts(model or meta.get("model_id") or "smollm2-135m", dtype, device, None, None)
+    if refs is not None and lm is not None and any(not is_run_dir(r) for r in refs):
+        from ..contrastive import resolve_references
+
+        refs = list(resolve_references(run, refs, lm=lm, n=ref_n, seed=ref_seed).values())
+    res = run_contrast(run, refs, cfg, out, lm=lm, split_seeds=split_seeds)
+    print_neuron_summary(res.neurons, f"{meta.get('dataset')} — {cfg.rule} vs {', '.join(res.references)}")
+    from rich.table import Table
+
+    t = Table("set", "neurons", "split IoU", "chance IoU", "common on ≥1 ref", "common on all refs", box=None)
+    for r in res.table:
+        iou = "—" if r["split_iou"] is None else f"{r['split_iou']:.3f} ± {r['split_iou_sd']:.3f}"
+        ch = "—" if r["chance_iou"] is None else f"{r['chance_iou']:.2g}"
+        t.add_row(r["set"], str(r["n_neurons"]), iou, ch, f"{r['common_elsewhere']:.2f}", f"{r['common_everywhere']:.2f}")
+    console.print(t)
+    if eval_data:
+        specs = _split(eval_data)
+        dss = {}
+        for s in specs:
+            ds = load_dataset(s, n=eval_n, seed=eval_seed)
+            dss[ds.name] = ds
+        er = add_erase_specificity(res.out_dir, lm, dss, target=next(iter(dss)), n_random=n_random,
+                                   chat=bool((meta.get("config") or {}).get("chat")))
+        t = Table("set", "neurons", *[f"ΔNLL {k}" for k in dss], *[f"z {k}" for k in dss], "specificity", box=None)
+        for name, r in er["sets"].items():
+            t.add_row(name, str(r["n_neurons"]), *[f"{r['delta'][k]:+.3f}" for k in dss],
+                      *[f"{r['z'][k]:+.1f}" for k in dss], f"{r.get('specificity', float('nan')):+.3f}")
+        console.print(t)
+    console.print(f"wrote {res.out_dir}/neurons.json, plain.json, contrast.safetensors, report.json")
+
+
+@app.command()
+def generic(
+    runs: Optional[str] = typer.Option(None, help="Comma-separated locate run dirs (selection frequencies)."),
+    data: Optional[str] = typer.Option(None, help="Comma-separated dataset specs for activation magnitudes."),
+    n: int = typer.Option(16, help="Samples per --data dataset."),
+    seed: int = typer.Option(0, help="Data seed of --data datasets."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the first run's, else smollm2-135m)."),
+    massive_ratio: float = typer.Option(100.0, help="Peak |a| / the layer's typical peak, on every dataset."),
+    massive_top: int = typer.Option(10, help="And among the model's this many largest peaks."),
+    common_freq: float = typer.Option(0.5, help="Selection frequency on every run."),
+    erase: bool = typer.Option(False, help="Also erase candidates one at a time on every --data dataset."),
+    erase_min_delta: float = typer.Option(0.05, help="Erase criterion: ΔNLL (nats/token) on every dataset."),
+    criteria: str = typer.Option("massive,common_all", help="Flags that make a neuron generic: massive, common_all, erase_all."),
+    chat: bool = typer.Option(False, help="Wrap --data prompts in the chat template."),
+    batch_size: int = typer.Option(4),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | auto | an accelerator"),
+    out: Path = typer.Option(Path("runs/generic"), help="Output directory."),
+):
+    """Flag generic neurons: massive activations on every dataset, common on every run, (optionally) erase effects."""
+    from ..data import load_dataset
+    from ..generic import GenericConfig, find_generic
+    from ..results import read_json
+
+    run_list = _split(runs)
+    specs = _split(data)
+    cfg = GenericConfig(massive_ratio=massive_ratio, massive_top=massive_top, common_freq=common_freq, erase=erase,
+                        erase_min_delta=erase_min_delta, criteria=tuple(_split(criteria)), batch_size=batch_size, chat=chat)
+    run_dirs = {}
+    for r in run_list:
+        m = read_json(Path(r) / "neurons.json")
+        name = m.get("dataset") or Path(r).name
+        run_dirs[name if name not in run_dirs else f"{name}@{Path(r).name}"] = Path(r)
+    lm = None
+    datasets = {}
+    if specs:
+        mid = model or (read_json(Path(run_list[0]) / "neurons.json").get("model_id") if run_list else None) or "smollm2-135m"
+        lm = load_model_from_opts(mid, dtype, device, None, None)
+        for s in specs:
+            ds = load_dataset(s, n=n, seed=seed)
+            datasets[ds.name] = ds
+    rep = find_generic(lm, datasets, run_dirs, cfg)
+    rep.save(out)
+    from rich.table import Table
+
+    t = Table("layer", "index", "generic", "flags", "peak", "peak/typical", *[f"freq {k}" for k in rep.runs], box=None)
+    for r in rep.rows[:40]:
+        t.add_row(str(r["layer"]), str(r["index"]), "yes" if r["generic"] else "no", ",".join(r["flags"]),
+                  f"{r['peak']:.1f}" if "peak" in r else "—", f"{r['peak_ratio']:.0f}" if "peak_ratio" in r else "—",
+                  *[f"{r['freq'][k]:.2f}" for k in rep.runs] if "freq" in r else ["—"] * len(rep.runs))
+    console.print(t)
+    console.print(f"{len(rep.generic_pairs)} generic neurons; wrote {out}/generic.json, neurons.json, report.json")
