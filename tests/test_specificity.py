@@ -376,3 +376,31 @@ def test_cli_contrast_and_generic_from_runs(planted, tmp_path):
     assert main(["generic", "--runs", f"{a},{b}", "--out", str(tmp_path / "g")]) == 0
     assert NeuronSet.load(tmp_path / "g").pairs.tolist() == [[0, GEN]]
     assert main(["contrast", a, "--reference", b, "--rule", "nonsense", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_locate_with_contrast_and_exclude_generic(tmp_path):
+    from caploc.cli import main
+
+    out = tmp_path / "loc"
+    assert main(["locate", "--model", "tiny:llama", "--data", "rg:basic_arithmetic", "--n", "4", "--method", "activation",
+                 "--sigma", "3", "--contrast", "subtract", "--reference", "rg:letter_counting", "--exclude-generic",
+                 "--out", str(out)]) == 0
+    plain, final = NeuronSet.load(out, name="plain"), NeuronSet.load(out)
+    spec = _strict_json(out / "specificity.json")
+    assert spec["plain_size"] == len(plain) >= 1 and spec["final_size"] == len(final)
+    assert set(map(tuple, final.pairs.tolist())) <= set(map(tuple, plain.pairs.tolist()))
+    ref = NeuronSet.load(out / "references" / "rg_letter_counting")
+    assert ref.n_samples == 4 and ref.meta["config"] == plain.meta["config"]  # scored with the target's settings
+    # subtract: nothing that is common on the reference survives; generic neurons are gone
+    ref_common = set(map(tuple, ref.pairs.tolist()))
+    assert not ref_common & set(map(tuple, final.pairs.tolist()))
+    gen = set(map(tuple, NeuronSet.load(out / "generic").pairs.tolist()))
+    assert not gen & set(map(tuple, final.pairs.tolist()))
+    assert final.meta["contrast"]["rule"] == "subtract"
+    assert _strict_json(out / "contrast-subtract" / "report.json")["kind"] == "contrast"
+    assert _strict_json(out / "generic" / "report.json")["kind"] == "generic"
+    # plain locate keeps working and writes no specificity files
+    out2 = tmp_path / "plain"
+    assert main(["locate", "--model", "tiny:llama", "--data", "rg:basic_arithmetic", "--n", "4", "--method", "activation",
+                 "--out", str(out2)]) == 0
+    assert not (out2 / "specificity.json").exists() and not (out2 / "plain.json").exists()

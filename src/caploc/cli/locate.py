@@ -39,6 +39,12 @@ def locate(
     out: Path = typer.Option(Path("runs/locate"), help="Output directory."),
     overwrite: bool = typer.Option(False, help="Discard existing shards in --out instead of resuming."),
     kn_json: Optional[Path] = typer.Option(None, help="Also export the set as KN-style [[layer, index], ...] JSON."),
+    contrast: str = typer.Option("none", help="Contrastive rule vs --reference: none | subtract | freq-diff | freq-ratio | "
+                                 "score-diff | lape (see caploc contrast). The plain set is kept as plain.json."),
+    reference: Optional[str] = typer.Option(None, help="Comma-separated reference locate run dirs and/or dataset specs "
+                                            "(scored with these settings). Default with --contrast: other built-in capabilities."),
+    exclude_generic: bool = typer.Option(False, help="Remove generic neurons (massive activations on every dataset, "
+                                         "common on every run; see caploc generic) from the final set."),
 ):
     """Localize a capability: per-sample attribution, per-sample selection, dataset-level frequency rule."""
     from ..attribution.engine import AttributionConfig
@@ -62,6 +68,15 @@ def locate(
         finalize()
     if res is None:
         return
+    if contrast != "none" or exclude_generic:
+        from ..contrastive import apply_specificity
+
+        n_plain = len(res.neurons)
+        refs = [r.strip() for r in reference.split(",") if r.strip()] if reference else None
+        res.neurons = apply_specificity(lm, out, ds, contrast_rule=contrast, references=refs,
+                                        exclude_generic=exclude_generic)
+        console.print(f"specificity: plain set {n_plain} neurons (plain.json) -> final {len(res.neurons)} "
+                      f"(contrast={contrast}, exclude_generic={exclude_generic}; see {out}/specificity.json)")
     if kn_json:
         res.neurons.to_kn_json(kn_json)
     print_neuron_summary(res.neurons, f"{ds.name} on {lm.model_id} ({method}, {rule}={cfg.rule_value}, S>={res.summary['min_count']}/{res.summary['n_samples']})")
