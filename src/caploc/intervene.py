@@ -31,7 +31,8 @@ attribute token vs a chain-of-thought token): z puts each effect on the scale of
 per-layer sizes does to THIS data". SI alone ignores significance (z'_on = 1, z'_off = 0 gives SI = 1), so it is
 reported next to z'_on, z'_off, and the excess effects in nats ``Δ_set - mean(Δ_random)`` with their ratio
 ``excess_on / excess_off`` (and excess relative to the untouched NLL). The ``specificity`` claim uses the worst
-off-target dataset (the largest z'_off). With n random sets the smallest reachable two-sided p is 1 / (n + 1).
+off-target dataset (the largest z'_off) and holds when z'_on >= 2 and SI >= 1/3 (for positive z-scores: the on-target
+z' is at least twice the off-target one). With n random sets the smallest reachable two-sided p is 1 / (n + 1).
 """
 from __future__ import annotations
 
@@ -417,10 +418,10 @@ class InterventionResult:
                 "value": worst["si"], "k": pk, "on": main, "worst_off": worst["off"], "z_on": worst["z_on"],
                 "z_off": worst["z_off"], "excess_ratio": worst["excess_ratio"],
                 "per_off_target": {s["off"]: s["si"] for s in spec},
-                "holds": bool(worst["si"] > 0 and worst["z_on"] >= 2),
+                "holds": bool(worst["si"] >= 1 / 3 and worst["z_on"] >= 2),
                 "definition": "SI = (z'_on - z'_off)/(|z'_on| + |z'_off|), z' = z-score vs the random sets of the same "
                               "dataset, signed so that the expected direction of the gain is positive; worst off-target; "
-                              "holds = SI > 0 and z'_on >= 2",
+                              "holds = z'_on >= 2 and SI >= 1/3 (for positive z': z'_on >= 2 z'_off)",
             }
         return claims
 

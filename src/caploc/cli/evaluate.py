@@ -1,0 +1,78 @@
+"""``caploc eval``: NLL per target token and accuracy, untouched and (optionally) under an intervention."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import app, console, load_model_from_opts
+
+
+def load_neurons_and_model(neurons: Optional[Path], model: Optional[str], dtype: str, device: str,
+                           device_map: Optional[str], layout: Optional[str]):
+    """(NeuronSet or None, LoadedModel); the model defaults to the one the neurons were localized on."""
+    from ..results import NeuronSet
+
+    ns = NeuronSet.load(neurons) if neurons is not None else None
+    name = model or (ns.meta.get("model_id") if ns is not None else None) or "smollm2-135m"
+    lm = load_model_from_opts(name, dtype, device, device_map, layout)
+    if ns is not None:
+        ns.check_compatible(lm.site)
+        want = ns.meta.get("model_fingerprint")
+        if want and want != lm.info.get("fingerprint"):
+            console.print(f"[yellow]warning:[/] the neurons were localized on a model with fingerprint {want}, "
+                          f"this one is {lm.info.get('fingerprint')}")
+    return ns, lm
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    from ..errors import CaplocError
+    from ..evaluate import METRICS
+
+    ms = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not ms or any(m not in METRICS for m in ms):
+        raise CaplocError(f"cannot parse --metrics {text!r}; use nll, accuracy or nll,accuracy")
+    return ms
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, help="Model (default: the one in --neurons, else smollm2-135m)."),
+    data: List[str] = typer.Option(["gsm_symbolic"], "--data", help="Dataset spec; repeat for cross-dataset evaluation. The first is in-domain."),
+    n: int = typer.Option(32, help="Samples per dataset (per held-out part)."),
+    seed: int = typer.Option(1, help="Data seed (use one other than the localization seed)."),
+    target: str = typer.Option("cot", help="gsm_symbolic target: cot or answer."),
+    neurons: Optional[Path] = typer.Option(None, help="A locate run directory (neurons.json) to intervene on."),
+    mode: str = typer.Option("erase", help="erase | enhance (with --neurons)."),
+    k: float = typer.Option(2.0, help="Enhancement gain."),
+    metrics: str = typer.Option("nll", help="nll, accuracy or nll,accuracy."),
+    heldout: bool = typer.Option(True, help="With --neurons: split the first dataset into held-out samples and held-out templates relative to the localization data."),
+    chat: bool = typer.Option(False, help="Wrap prompts in the chat template."),
+    batch_size: int = typer.Option(8), max_length: Optional[int] = typer.Option(None),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation length for accuracy (default: longest target + 8)."),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    device_map: Optional[str] = typer.Option(None), layout: Optional[str] = typer.Option(None),
+    out: Path = typer.Option(Path("runs/eval"), help="Output directory."),
+):
+    """Evaluate NLL/token and accuracy in-domain (held-out samples and templates) and cross-dataset."""
+    from rich.table import Table
+
+    from ..evaluate import build_datasets, run_eval
+    from ..intervene import gain_for
+
+    ms = parse_metrics(metrics)
+    gain_for(mode, k)  # validate before loading anything
+    ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
+    entries = build_datasets(data, n=n, seed=seed, neuron_meta=ns.meta if ns is not None else None,
+                             heldout=heldout, target=target)
+    run = run_eval(lm, {lab: ds for lab, ds, _ in entries}, neurons=ns, mode=mode, k=k, metrics=ms, out_dir=out,
+                   chat=chat, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+                   meta={"neurons": str(neurons) if neurons else None, "data_seed": seed,
+                         "roles": {lab: role for lab, _, role in entries}})
+    t = Table("dataset", "condition", "n", "NLL/tok", "ΔNLL/tok", "acc", "Δacc", box=None)
+    fmt = lambda v, p=4: "" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for row in run.rows():
+        t.add_row(str(row[0]), str(row[1]), str(row[2]), fmt(row[4]), fmt(row[5]), fmt(row[6], 3), fmt(row[7], 3))
+    console.print(t)
+    console.print(f"wrote {out}/eval.json, report.json")

@@ -1,0 +1,102 @@
+"""``caploc intervene`` (set vs random controls, dose-response, specificity) and ``caploc export-enhanced``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import app, console
+from .evaluate import load_neurons_and_model, parse_metrics
+
+
+def _parse_ks(text: Optional[str]) -> Optional[list[float]]:
+    from ..errors import CaplocError
+
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CaplocError(f"cannot parse --ks {text!r}; use e.g. 0,0.5,1,1.5,2,3") from None
+
+
+@app.command()
+def intervene(
+    neurons: Path = typer.Option(..., help="A locate run directory (neurons.json)."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="On-target dataset first, then off-target ones (default: the localization dataset + facts and rg:letter_counting)."),
+    mode: str = typer.Option("erase", help="erase | enhance: the headline intervention."),
+    k: float = typer.Option(2.0, help="Enhancement gain (mode enhance)."),
+    ks: Optional[str] = typer.Option(None, help="Dose-response gains, e.g. 0,0.5,1,1.5,2,3 (0 = erase)."),
+    n_random: int = typer.Option(10, help="Random layer-matched control sets."),
+    seed: int = typer.Option(0, help="Random sets use seeds seed..seed+n_random-1."),
+    act_matched: bool = typer.Option(True, help="Also run the activation-matched control."),
+    act_samples: int = typer.Option(8, help="Samples for the mean |activation| of the matched control."),
+    n: int = typer.Option(32, help="Samples per dataset (per held-out part)."),
+    data_seed: int = typer.Option(1, help="Seed of the evaluation samples."),
+    heldout: bool = typer.Option(True, help="Split the on-target data into held-out samples and held-out templates."),
+    target: str = typer.Option("cot", help="gsm_symbolic target: cot or answer."),
+    metrics: str = typer.Option("nll", help="nll, accuracy or nll,accuracy (accuracy generates: slow)."),
+    chat: bool = typer.Option(False), batch_size: int = typer.Option(8), max_length: Optional[int] = typer.Option(None),
+    max_new_tokens: Optional[int] = typer.Option(None),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the CI."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the one the neurons were localized on)."),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    device_map: Optional[str] = typer.Option(None), layout: Optional[str] = typer.Option(None),
+    out: Path = typer.Option(Path("runs/intervene"), help="Output directory."),
+):
+    """Erase/enhance a neuron set vs random same-layer-size sets, an activation-matched set and the untouched model."""
+    from rich.table import Table
+
+    from ..evaluate import build_datasets, default_off_target, spec_of
+    from ..intervene import InterveneConfig, gain_for, run_intervention
+
+    primary = gain_for(mode, k)
+    gains = _parse_ks(ks) or [primary]
+    if primary not in gains:
+        gains = [primary] + gains
+    cfg = InterveneConfig(ks=tuple(gains), primary_k=primary, n_random=n_random, seed=seed, act_matched=act_matched,
+                          act_samples=act_samples, metrics=parse_metrics(metrics), chat=chat, batch_size=batch_size,
+                          max_length=max_length, max_new_tokens=max_new_tokens, n_boot=n_boot)
+    ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
+    specs = list(data or [])
+    if not specs:
+        on = spec_of(ns.meta.get("dataset_source")) or "gsm_symbolic"
+        specs = [on]
+    if len(specs) == 1:
+        specs += default_off_target(specs[0])
+        console.print(f"off-target datasets: {', '.join(specs[1:])}")
+    entries = build_datasets(specs, n=n, seed=data_seed, neuron_meta=ns.meta, heldout=heldout, target=target)
+    res = run_intervention(lm, ns, entries, cfg, out_dir=out)
+    t = Table("dataset", "k", "cond", "NLL/tok", "ΔNLL/tok", "95% CI", "random mean±sd", "z", "pct", box=None)
+    for r in res.summary_rows():
+        t.add_row(r["dataset"], f"{r['k']:g}", r["condition"], f"{r['nll']:.4f}", f"{r['d_nll']:+.4f}",
+                  f"[{r['ci_lo']:+.4f}, {r['ci_hi']:+.4f}]", f"{r['random_mean']:+.4f}±{r['random_sd']:.4f}",
+                  f"{r['z']:.2f}", f"{r['percentile']:.2f}")
+    console.print(t)
+    for name, c in res.claims().items():
+        console.print(f"{name}: value={c['value']:.4g} holds={c['holds']}")
+    console.print(f"wrote {out}/intervene.json, intervene.safetensors, report.json, figures")
+
+
+@app.command("export-enhanced")
+def export_enhanced_cmd(
+    neurons: Path = typer.Option(..., help="A locate run directory (neurons.json)."),
+    k: float = typer.Option(2.0, help="Gain folded into the neurons' output-projection columns."),
+    out: Path = typer.Option(..., help="Output model directory."),
+    peft: Optional[bool] = typer.Option(None, "--peft/--no-peft", help="Also write a peft IA3 adapter (default: if peft is installed)."),
+    verify: bool = typer.Option(True, help="Reload the export and compare its logits with the hooked model."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the one the neurons were localized on)."),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    device_map: Optional[str] = typer.Option(None), layout: Optional[str] = typer.Option(None),
+):
+    """Save a copy of the model with the gain folded in (plain transformers loads it), plus gain vectors and IA3."""
+    from ..export import export_enhanced
+
+    ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
+    s = export_enhanced(lm, ns, k, out, peft=peft, verify=verify, overwrite=overwrite)
+    console.print(f"exported {s['n_neurons']} neurons x{k:g} in layers {s['layers']} to {out}")
+    for key in ("max_abs_logit_diff_folded", "max_abs_logit_diff_ia3", "max_abs_logit_change_vs_untouched"):
+        if key in s:
+            console.print(f"  {key}: {s[key]:.3g}")
