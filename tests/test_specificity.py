@@ -364,6 +364,20 @@ def test_erase_specificity_ranks_task_neuron_specific(planted):
     assert gn["excess"]["task_b"] > 0.1  # the generic neuron hurts the off-target task too
     assert t["specificity"] > gn["specificity"] + 0.1
     assert t["excess"]["task_b"] == pytest.approx(-t["random_mean"]["task_b"], abs=1e-9)
+    assert t["si"] > gn["si"]
+    # the same through a contrast result directory: table, claims and figure in report.json
+    from caploc.contrastive import add_erase_specificity
+
+    out = planted["root"] / "c-erase"
+    contrast(planted["root"] / "a", [planted["root"] / "b"], ContrastConfig(rule="subtract"), out, split_seeds=0)
+    er = add_erase_specificity(out, lm, enc, target="task_a", n_random=2)
+    assert er["sets"]["plain"]["n_neurons"] == 2 and er["sets"]["subtract"]["n_neurons"] == 1
+    # the nats difference rewards a set that simply hurts more (plain = task + generic: 0.22 vs 0.17 here); the
+    # z-based index and the off-target excess tell them apart
+    assert er["sets"]["subtract"]["si"] > 0.9 > er["sets"]["plain"]["si"]
+    assert er["sets"]["subtract"]["excess"]["task_b"] < 0.01 < 0.1 < er["sets"]["plain"]["excess"]["task_b"]
+    rep = _strict_json(out / "report.json")
+    assert rep["tables"][-1]["rows"][1][0] == "subtract" and (out / rep["figures"][-1]["file"]).stat().st_size > 1000
 
 
 def test_cli_contrast_and_generic_from_runs(planted, tmp_path):

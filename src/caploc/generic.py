@@ -169,7 +169,11 @@ def erase_specificity(lm, sets: dict, data: dict, target: str | None = None, n_r
     (nats/token), the mean and sd of ``delta`` over ``n_random`` random sets with the set's per-layer sizes (drawn
     outside the set), ``excess = delta - random mean`` and ``z = excess / random sd``. Per set: ``specificity`` =
     excess on the target minus the largest excess off target (> 0: the set hurts the target more than any other
-    capability, beyond what random neurons do).
+    capability, beyond what random neurons do), and ``si = (z_on - z_off) / (|z_on| + |z_off|)`` with the largest
+    off-target z (the specificity index of :mod:`caploc.intervene`, in [-1, 1]; it ignores significance, so read it
+    next to the z-scores). Caveat: ``specificity`` is a difference in nats, so a set that adds a generic neuron to a
+    specific one can score higher than the specific neuron alone (it hurts the target more AND the others); compare
+    sets by ``si`` and by their off-target excess as well.
     """
     from tqdm.auto import tqdm
 
@@ -209,12 +213,18 @@ def erase_specificity(lm, sets: dict, data: dict, target: str | None = None, n_r
             r = np.asarray(rand[k], dtype=np.float64)
             mu = float(r.mean()) if r.size else float("nan")
             sd = float(r.std(ddof=1)) if r.size > 1 else float("nan")
-            row["random_mean"][k], row["random_sd"][k], row["random"] = mu, sd, {kk: list(vv) for kk, vv in rand.items()}
+            row["random_mean"][k], row["random_sd"][k] = mu, sd
             row["excess"][k] = row["delta"][k] - mu if r.size else float("nan")
             row["z"][k] = row["excess"][k] / sd if r.size > 1 and sd > 0 else float("nan")
+        row["random"] = rand
         if target is not None:
-            off = [row["excess"][k] for k in enc if k != target]
-            row["specificity"] = row["excess"][target] - max(off) if off else float("nan")
+            off = [k for k in enc if k != target]
+            row["specificity"] = row["excess"][target] - max(row["excess"][k] for k in off) if off else float("nan")
+            # the intervention module's specificity index on z-scores (erase: expected direction +1), worst off-target
+            zon = row["z"][target]
+            zoff = max((row["z"][k] for k in off), default=float("nan"))
+            den = abs(zon) + abs(zoff)
+            row["si"] = (zon - zoff) / den if math.isfinite(den) and den > 0 else float("nan")
         res["sets"][name] = row
     bar.close()
     return res

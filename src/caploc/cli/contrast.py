@@ -78,10 +78,11 @@ def contrast(
             dss[ds.name] = ds
         er = add_erase_specificity(res.out_dir, lm, dss, target=next(iter(dss)), n_random=n_random,
                                    chat=bool((meta.get("config") or {}).get("chat")))
-        t = Table("set", "neurons", *[f"ΔNLL {k}" for k in dss], *[f"z {k}" for k in dss], "specificity", box=None)
+        t = Table("set", "neurons", *[f"ΔNLL {k}" for k in dss], *[f"z {k}" for k in dss], "specificity", "SI", box=None)
         for name, r in er["sets"].items():
             t.add_row(name, str(r["n_neurons"]), *[f"{r['delta'][k]:+.3f}" for k in dss],
-                      *[f"{r['z'][k]:+.1f}" for k in dss], f"{r.get('specificity', float('nan')):+.3f}")
+                      *[f"{r['z'][k]:+.1f}" for k in dss], f"{r.get('specificity', float('nan')):+.3f}",
+                      f"{r.get('si', float('nan')):+.2f}")
         console.print(t)
     console.print(f"wrote {res.out_dir}/neurons.json, plain.json, contrast.safetensors, report.json")
 
