@@ -12,7 +12,7 @@ from torch import nn
 
 from caploc.audit.circuits import (
     CircuitAudit, CircuitConfig, NodeGraph, ParamSet, ablated_metric, audit_circuits, circuit_nodes, clean_embedding,
-    edge_attribution, make_ablation, node_means, param_sets, subject_span, tap,
+    edge_attribution, make_ablation, node_means, param_ranges, param_sets, subject_span, tap,
 )
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
@@ -396,11 +396,12 @@ def _hand_audit():
     return CircuitAudit(
         nodes=nodes, edges=edges, node_units=[[], [0], [1], [2], []], unit_names=units,
         unit_sizes=np.array([10, 20, 70]), unit_ranges={u: [] for u in units},
-        phrasing_fact=np.array([0, 0, 1, 1]), phrasing_text=["p0", "p1", "p2", "p3"], phrasing_corruption=["noise"] * 4,
-        facts=[{"id": "f0", "relation_id": "R"}, {"id": "f1", "relation_id": "R"}], top_edges=top,
+        phrasing_fact=np.array([0, 0, 1, 1]), phrasing_slot=np.array([0, 1, 0, 1]), phrasing_text=["p0", "p1", "p2", "p3"], phrasing_corruption=["noise"] * 4,
+        facts=[{"id": "f0", "relation_id": "R", "input_index": 0, "n_phrasings": 2},
+               {"id": "f1", "relation_id": "R", "input_index": 2, "n_phrasings": 3}], top_edges=top,
         top_scores=np.ones((4, 3), np.float32), m_clean=np.zeros(4), m_corrupt=np.zeros(4), m_empty=np.log([.1, .2, .3, .4]),
         ratio_circuit=np.array([0.9, 0.2, 0.6, 0.1]), ratio_random=np.array([[0.1, 0.9]] * 4), total_params=1000,
-        config=CircuitConfig(top_k=3, fidelity_draws=50).to_dict(), meta={"model_id": "hand"},
+        config=CircuitConfig(top_k=3, fidelity_draws=50).to_dict(), meta={"model_id": "hand"}, n_input_facts=3,
     )
 
 
@@ -423,8 +424,12 @@ def test_fidelity_and_reliability_on_hand_made_circuits(tmp_path):
     assert r["circuit"]["share_keeps"] == pytest.approx(0.5) and r["random"]["share_keeps"] == pytest.approx(0.5)
     assert r["empty"]["share_keeps"] == pytest.approx(0.0)
     assert a.param_share().tolist() == pytest.approx([0.1, 0.03, 0.09, 0.09])
+    # common-metric export: per input fact (fact 1 of the input was skipped), per phrasing {unit: parameter count}
+    assert a.param_sets == [[{"a": 10, "b": 20, "c": 70}, {"a": 10, "b": 20}], [], [{"b": 20, "c": 70}, {"b": 20, "c": 70}, None]]
+    assert a.universe == {"a": 10, "b": 20, "c": 70}
     a.save(tmp_path)
     b = CircuitAudit.load(tmp_path)
+    assert b.param_sets == a.param_sets
     assert json.dumps(b.fidelity()) == json.dumps(a.fidelity()) and np.array_equal(b.top_edges, a.top_edges)
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["kind"] == "audit_circuits" and rep["claims"]["circuit_edge_iou"]["value"] == pytest.approx(0.75)
@@ -433,7 +438,7 @@ def test_fidelity_and_reliability_on_hand_made_circuits(tmp_path):
 
 
 def _tiny_facts():
-    rows = [("Ab", "xy", ["The Ab is x", "Ab thing is x"]), ("Cd", "yz", ["The Cd is x", "Cd thing is x"]),
+    rows = [("Ab", "xy", ["The Ab is x", "Ab thing is x"]), ("Gh", "zy", []), ("Cd", "yz", ["The Cd is x", "Cd thing is x"]),
             ("Ef", "zz", ["The Ef is x"])]
     samples = [Sample(prompt=f"{s} is in", target=" " + a, group="R1",
                       meta={"subject": s, "attribute": a, "relation_id": "R1", "paraphrases": p}, id=f"f{i}")
@@ -455,8 +460,17 @@ def test_audit_end_to_end_tiny(tmp_path):
     assert np.all(res.ratio_circuit > 0) and res.ratio_random.shape == (8, 3)
     # ranked by |score|
     assert np.all(np.diff(np.abs(res.top_scores), axis=1) <= 1e-7)
-    ps = param_sets(res)
-    assert len(ps) == 8 and ps[0].n_params() == pytest.approx(res.param_share()[0] * res.total_params)
+    ps = param_sets(res)  # per input fact; "Gh" (one phrasing) was skipped
+    assert [len(f) for f in ps] == [3, 0, 3, 2] and ps == res.param_sets
+    assert sum(ps[0][0].values()) == pytest.approx(res.param_share()[0] * res.total_params)
+    pr = param_ranges(res)
+    assert len(pr) == 8 and pr[0].n_params() == sum(ps[0][0].values())
+    # the audit's own Fact objects work too
+    from caploc.audit.common import facts_from_dataset
+    facts, dropped = facts_from_dataset(_tiny_facts())
+    res2 = audit_circuits(lm, facts, cfg, progress=False)
+    assert dropped == 1 and res2.n_phrasings == 8 and [len(f) for f in res2.param_sets] == [3, 3, 2]
+    assert res2.phrasing_text == res.phrasing_text
     res.save(tmp_path)
     back = CircuitAudit.load(tmp_path)
     assert json.dumps(back.summary()) == json.dumps(res.summary())

@@ -663,6 +663,7 @@ class Phrasing:
     prompt_len: int
     target_ids: list[int]
     subject_span: tuple[int, int]  # token positions [start, stop)
+    slot: int = 0  # index of this phrasing among the fact's phrasings (0 = the prompt)
 
 
 def subject_span(tokenizer, ids: list[int], text: str, subject: str) -> tuple[int, int] | None:
@@ -686,22 +687,41 @@ def subject_span(tokenizer, ids: list[int], text: str, subject: str) -> tuple[in
     return toks[0], toks[-1] + 1
 
 
-def _phrasings(tokenizer, facts, cfg: CircuitConfig) -> tuple[list[Phrasing], list[int]]:
+def fact_rows(facts) -> list[dict]:
+    """Facts as dicts {id, phrasings, target, subject, attribute, relation}: from a caploc Dataset (``meta['subject']``,
+    ``meta['paraphrases']``) or from a sequence of objects with ``phrasings``/``target``/``subject`` (``audit.common.Fact``)."""
+    rows = []
+    for s in facts:
+        if hasattr(s, "phrasings"):
+            meta = dict(getattr(s, "meta", None) or {})
+            rows.append({"id": str(s.id), "phrasings": list(s.phrasings), "target": s.target, "subject": s.subject,
+                         "attribute": meta.get("attribute", s.target.strip()),
+                         "relation": getattr(s, "relation", None) or meta.get("relation_id")})
+        else:
+            meta = dict(s.meta or {})
+            rows.append({"id": str(s.id), "phrasings": [s.prompt, *list(meta.get("paraphrases") or [])],
+                         "target": s.target, "subject": meta.get("subject"),
+                         "attribute": meta.get("attribute", s.target.strip()),
+                         "relation": meta.get("relation_id", s.group)})
+    return rows
+
+
+def _phrasings(tokenizer, rows: list[dict], cfg: CircuitConfig) -> tuple[list[Phrasing], list[int]]:
     from ..data.encode import encode_prompt
 
     out: list[Phrasing] = []
-    used_facts: list[int] = []
-    for i, s in enumerate(facts):
-        subject = (s.meta or {}).get("subject")
-        paras = list((s.meta or {}).get("paraphrases") or [])
+    used: list[int] = []
+    for i, f in enumerate(rows):
+        subject = f["subject"]
         if not subject:
-            raise DataError(f"fact '{s.id}' has no meta['subject']; knowledge circuits need the facts data set")
-        target = s.target[1:] if cfg.chat and s.target.startswith(" ") else s.target
+            raise DataError(f"fact '{f['id']}' has no subject; knowledge circuits corrupt the subject tokens "
+                            "(use the facts data set or give meta['subject'])")
+        target = f["target"][1:] if cfg.chat and f["target"].startswith(" ") else f["target"]
         tids = [int(t) for t in tokenizer.encode(target, add_special_tokens=False)]
         if not tids:
             continue
         cand = []
-        for text in [s.prompt] + paras:
+        for slot, text in enumerate(f["phrasings"]):
             if len(cand) >= cfg.max_phrasings:
                 break
             ids = encode_prompt(tokenizer, text, chat=cfg.chat)
@@ -709,11 +729,11 @@ def _phrasings(tokenizer, facts, cfg: CircuitConfig) -> tuple[list[Phrasing], li
             if span is None:
                 log.debug("subject %r not found in the tokens of %r; phrasing skipped", subject, text)
                 continue
-            cand.append(Phrasing(len(used_facts), text, ids, len(ids), tids, span))
+            cand.append(Phrasing(len(used), text, ids, len(ids), tids, span, slot))
         if len(cand) >= cfg.min_phrasings:
             out.extend(cand)
-            used_facts.append(i)
-    return out, used_facts
+            used.append(i)
+    return out, used
 
 
 def _swap_embedding(graph, tokenizer, ph: Phrasing, subject: str, attribute: str, pool: list[tuple[str, str]],
@@ -751,10 +771,11 @@ class CircuitAudit:
     unit_names: list[str]
     unit_sizes: np.ndarray
     unit_ranges: dict
-    phrasing_fact: np.ndarray  # [P]
+    phrasing_fact: np.ndarray  # [P] index into ``facts`` (the audited facts)
+    phrasing_slot: np.ndarray  # [P] index of the phrasing among its fact's phrasings
     phrasing_text: list[str]
     phrasing_corruption: list[str]
-    facts: list[dict]  # id, subject, attribute, relation_id
+    facts: list[dict]  # audited facts: id, subject, attribute, relation_id, input_index, n_phrasings
     top_edges: np.ndarray
     top_scores: np.ndarray
     m_clean: np.ndarray
@@ -765,6 +786,7 @@ class CircuitAudit:
     total_params: int
     config: dict
     meta: dict = field(default_factory=dict)
+    n_input_facts: int | None = None  # facts passed in (some may have been skipped)
 
     # ---- derived sets --------------------------------------------------------------------------------------------
     @property
@@ -784,6 +806,17 @@ class CircuitAudit:
     def unit_sets(self, node_sets: list[np.ndarray] | None = None) -> list[np.ndarray]:
         ns = self.node_sets() if node_sets is None else node_sets
         return [np.unique(np.asarray([u for n in s for u in self.node_units[int(n)]], dtype=np.int64)) for s in ns]
+
+    @property
+    def universe(self) -> dict[str, int]:
+        """{parameter unit: parameter count} of every head / MLP unit (for random-set baselines)."""
+        return {n: int(w) for n, w in zip(self.unit_names, self.unit_sizes)}
+
+    @property
+    def param_sets(self) -> list[list[dict[str, int] | None]]:
+        """Per INPUT fact, per phrasing: the circuit's parameter units {unit: parameter count} (None where a fact or
+        phrasing was not audited). See :func:`param_sets`."""
+        return param_sets(self)
 
     def param_share(self) -> np.ndarray:
         return np.array([self.unit_sizes[u].sum() / self.total_params for u in self.unit_sets()])
@@ -983,6 +1016,7 @@ class CircuitAudit:
             "top_edges": torch.from_numpy(np.ascontiguousarray(self.top_edges, dtype=np.int64)),
             "top_scores": torch.from_numpy(np.ascontiguousarray(self.top_scores, dtype=np.float32)),
             "phrasing_fact": torch.from_numpy(np.ascontiguousarray(self.phrasing_fact, dtype=np.int64)),
+            "phrasing_slot": torch.from_numpy(np.ascontiguousarray(self.phrasing_slot, dtype=np.int64)),
             "unit_sizes": torch.from_numpy(np.ascontiguousarray(self.unit_sizes, dtype=np.int64)),
         }
         for k in ("m_clean", "m_corrupt", "m_empty", "ratio_circuit", "ratio_random"):
@@ -990,7 +1024,7 @@ class CircuitAudit:
         atomic_save_tensors(out_dir / "circuits.safetensors", t)
         js = {"kind": "circuit_audit", "caploc_version": __version__, "nodes": self.nodes, "node_units": self.node_units,
               "unit_names": self.unit_names, "unit_ranges": self.unit_ranges, "phrasing_text": self.phrasing_text,
-              "phrasing_corruption": self.phrasing_corruption, "facts": self.facts, "total_params": self.total_params,
+              "phrasing_corruption": self.phrasing_corruption, "facts": self.facts, "total_params": self.total_params, "n_input_facts": self.n_input_facts,
               "config": self.config, "meta": self.meta}
         atomic_write_json(out_dir / "circuits.json", js)
         if report:
@@ -1011,11 +1045,12 @@ class CircuitAudit:
         t = {k: v.numpy() for k, v in load_file(str(tp)).items()}
         return cls(nodes=js["nodes"], edges=t["edges"], node_units=js["node_units"], unit_names=js["unit_names"],
                    unit_sizes=t["unit_sizes"], unit_ranges={k: [tuple(r) for r in v] for k, v in js["unit_ranges"].items()},
-                   phrasing_fact=t["phrasing_fact"], phrasing_text=js["phrasing_text"],
+                   phrasing_fact=t["phrasing_fact"], phrasing_slot=t["phrasing_slot"], phrasing_text=js["phrasing_text"],
                    phrasing_corruption=js["phrasing_corruption"], facts=js["facts"], top_edges=t["top_edges"],
                    top_scores=t["top_scores"], m_clean=t["m_clean"], m_corrupt=t["m_corrupt"], m_empty=t["m_empty"],
                    ratio_circuit=t["ratio_circuit"], ratio_random=t["ratio_random"],
-                   total_params=int(js["total_params"]), config=js["config"], meta=js["meta"])
+                   total_params=int(js["total_params"]), config=js["config"], meta=js["meta"],
+                   n_input_facts=js.get("n_input_facts"))
 
 
 def _iou(a, b) -> float:
@@ -1082,9 +1117,29 @@ class ParamSet:
         return inter / union if union else float("nan")
 
 
-def param_sets(audit: CircuitAudit, shapes: dict[str, tuple[int, ...]] | None = None) -> list[ParamSet]:
-    """Per phrasing (aligned with ``audit.phrasing_text``) the parameters its circuit's nodes own (see module docstring).
-    ``shapes`` defaults to those recorded in the audit (``meta['param_shapes']``)."""
+def param_sets(audit: CircuitAudit) -> list[list[dict[str, int] | None]]:
+    """The common-metric localization of every phrasing: per INPUT fact (in the order given to
+    :func:`audit_circuits`), per phrasing, the parameter units its circuit's nodes own as {unit: parameter count}
+    (None for facts / phrasings that were not audited). Units are disjoint, so the parameter-weighted IoU of two such
+    dicts is the element-level IoU of the parameter sets (``audit.common.weighted_iou``)."""
+    n_in = audit.n_input_facts if audit.n_input_facts is not None else len(audit.facts)
+    out: list[list[dict[str, int] | None] | None] = [None] * n_in
+    for f in audit.facts:
+        out[int(f.get("input_index", audit.facts.index(f)))] = [None] * int(f.get("n_phrasings", 0) or 0)
+    for i, us in enumerate(audit.unit_sets()):
+        f = audit.facts[int(audit.phrasing_fact[i])]
+        row = out[int(f.get("input_index", audit.phrasing_fact[i]))]
+        slot = int(audit.phrasing_slot[i])
+        while len(row) <= slot:
+            row.append(None)
+        row[slot] = {audit.unit_names[int(u)]: int(audit.unit_sizes[int(u)]) for u in us}
+    return [r if r is not None else [] for r in out]
+
+
+def param_ranges(audit: CircuitAudit, shapes: dict[str, tuple[int, ...]] | None = None) -> list[ParamSet]:
+    """Per audited phrasing (aligned with ``audit.phrasing_text``) the circuit's parameters as slices of named
+    parameter tensors, for element-level comparison with other localizations. ``shapes`` defaults to the shapes
+    recorded in the audit (``meta['param_shapes']``)."""
     shapes = shapes or {k: tuple(v) for k, v in audit.meta.get("param_shapes", {}).items()}
     out = []
     for us in audit.unit_sets():
@@ -1094,7 +1149,7 @@ def param_sets(audit: CircuitAudit, shapes: dict[str, tuple[int, ...]] | None = 
                 ranges.setdefault(name, []).append((int(dim), int(a), int(b)))
         missing = [n for n in ranges if n not in shapes]
         if missing:
-            raise CaplocError(f"parameter shapes unknown for {missing[:3]}; pass shapes=dict(model.named_parameters()) sizes")
+            raise CaplocError(f"parameter shapes unknown for {missing[:3]}; pass shapes from model.named_parameters()")
         out.append(ParamSet(ranges, {n: shapes[n] for n in ranges}))
     return out
 
@@ -1104,15 +1159,17 @@ def param_sets(audit: CircuitAudit, shapes: dict[str, tuple[int, ...]] | None = 
 # ---------------------------------------------------------------------------------------------------------------------
 def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool | None = None) -> CircuitAudit:
     """Build a circuit for every phrasing of every fact (prompt + paraphrases) and measure fidelity, reliability and
-    size. ``lm``: a LoadedModel; ``facts``: a Dataset with ``meta['subject']`` and ``meta['paraphrases']``."""
+    size. ``lm``: a LoadedModel; ``facts``: a Dataset with ``meta['subject']`` and ``meta['paraphrases']``, or a
+    sequence of ``audit.common.Fact`` (phrasings, target, subject, relation). Facts with fewer than
+    ``cfg.min_phrasings`` phrasings in which the subject is found are skipped; at most ``cfg.max_phrasings`` per fact."""
     from tqdm.auto import tqdm
 
     cfg = cfg or CircuitConfig()
     t0 = time.time()
     model, tok = lm.model, lm.tokenizer
     graph = NodeGraph(model, lm.site)
-    samples = list(facts)
-    phr, used = _phrasings(tok, samples, cfg)
+    rows = fact_rows(facts)
+    phr, used = _phrasings(tok, rows, cfg)
     if not used:
         raise DataError(f"no fact of '{getattr(facts, 'name', '?')}' has {cfg.min_phrasings} usable phrasings "
                         "(prompt + meta['paraphrases'] with the subject found in the tokens); use the facts data set")
@@ -1127,7 +1184,7 @@ def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool |
     embs = [clean_embedding(graph, s) for s in seqs]
     subj = torch.cat([e[0, p.subject_span[0]:p.subject_span[1]].float().flatten() for e, p in zip(embs, phr)])
     sigma = float(subj.std())
-    pool = [((s.meta or {}).get("subject"), (s.meta or {}).get("attribute")) for s in samples]
+    pool = [(f["subject"], f["attribute"]) for f in rows]
     mean_z, mean_mlp = node_means(graph, seqs, first)
     L, H = graph.n_layers, graph.n_heads
     empty = make_ablation(graph, np.zeros(graph.n_nodes, dtype=bool), mean_z, mean_mlp, first)
@@ -1147,8 +1204,8 @@ def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool |
     for i, (p, seq, emb) in enumerate(zip(phr, seqs, embs)):
         cemb = None
         if cfg.corrupt == "swap":
-            s = samples[used[p.fact]]
-            cemb = _swap_embedding(graph, tok, p, s.meta["subject"], s.meta.get("attribute"), pool,
+            f = rows[used[p.fact]]
+            cemb = _swap_embedding(graph, tok, p, f["subject"], f["attribute"], pool,
                                    np.random.default_rng([cfg.seed, i]), cfg.chat)
         if cemb is None:
             g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + i)
@@ -1179,11 +1236,9 @@ def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool |
     bar.close()
 
     units, sizes, node_units, ranges = graph.param_units()
-    fact_rows = []
-    for i in used:
-        s = samples[i]
-        fact_rows.append({"id": s.id, "subject": s.meta.get("subject"), "attribute": s.meta.get("attribute"),
-                          "relation_id": s.meta.get("relation_id", s.group), "target": s.target})
+    audited = [{"id": rows[i]["id"], "subject": rows[i]["subject"], "attribute": rows[i]["attribute"],
+                "relation_id": rows[i]["relation"], "target": rows[i]["target"], "input_index": i,
+                "n_phrasings": len(rows[i]["phrasings"])} for i in used]
     meta = {
         "model_id": lm.info.get("model_id"), "model_fingerprint": lm.info.get("fingerprint"),
         "graph": graph.describe(), "dataset": getattr(facts, "name", None),
@@ -1195,9 +1250,11 @@ def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool |
     res = CircuitAudit(
         nodes=graph.nodes, edges=graph.edges, node_units=node_units, unit_names=units, unit_sizes=sizes,
         unit_ranges=ranges, phrasing_fact=np.array([p.fact for p in phr], dtype=np.int64),
-        phrasing_text=[p.text for p in phr], phrasing_corruption=corr_used, facts=fact_rows, top_edges=top_e,
+        phrasing_slot=np.array([p.slot for p in phr], dtype=np.int64),
+        phrasing_text=[p.text for p in phr], phrasing_corruption=corr_used, facts=audited, top_edges=top_e,
         top_scores=top_s, m_clean=m_clean, m_corrupt=m_cor, m_empty=m_emp, ratio_circuit=r_circ, ratio_random=r_rand,
         total_params=int(sum(p.numel() for p in model.parameters())), config=cfg.to_dict(), meta=meta,
+        n_input_facts=len(rows),
     )
     log.info("circuits done in %.1f s", time.time() - t0)
     return res
@@ -1212,6 +1269,6 @@ def _ratio(m_abl: float, m_full: float, kind: str) -> float:
 
 __all__ = [
     "CircuitConfig", "NodeGraph", "EdgeAttribution", "edge_attribution", "Ablation", "node_means", "ablated_metric",
-    "make_ablation", "circuit_nodes", "tap", "metric_value", "CircuitAudit", "ParamSet", "param_sets",
+    "make_ablation", "circuit_nodes", "tap", "metric_value", "CircuitAudit", "ParamSet", "param_sets", "param_ranges", "fact_rows",
     "audit_circuits", "subject_span", "clean_embedding",
 ]
