@@ -244,6 +244,10 @@ def test_crosscap_matrix_hand_computed(tmp_path):
     assert res.shared_counts() == {"shared_by_all": 0, "unique": {"a": 2, "b": 1, "c": 1}}
     rep = _strict_json(tmp_path / "report.json")
     assert rep["kind"] == "crosscap" and (tmp_path / "fig_crosscap.png").exists()
+    # head(n): the first n stored samples, recorded in the provenance
+    h = runs["a"].head(4)
+    assert h.n_samples == 4 and torch.equal(h.scores, runs["a"].scores[:4])
+    assert h.provenance()["samples_used"] == "first 4 of 6"
     back = CrossCapResult.load(tmp_path)
     assert np.allclose(back.iou, res.iou) and back.sizes == res.sizes
 

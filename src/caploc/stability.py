@@ -198,9 +198,21 @@ class ScoreRun:
     def d_mlp(self) -> int:
         return int(self.scores.shape[2])
 
+    def head(self, n: int) -> "ScoreRun":
+        """The first ``n`` stored samples (e.g. to compare capabilities at equal sample counts)."""
+        if n < 1 or n > self.n_samples:
+            raise CaplocError(f"cannot take the first {n} of {self.n_samples} stored samples of {self.run_dir}; "
+                              f"use a count between 1 and {self.n_samples}")
+        if n == self.n_samples:
+            return self
+        meta = {**self.meta, "samples_used": f"first {n} of {self.n_samples}"}
+        return ScoreRun(self.run_dir, self.scores[:n], meta, self.config,
+                        None if self.groups is None else self.groups[:n], self.groups_note)
+
     def provenance(self) -> dict:
         m = self.meta
-        return {"run_dir": str(self.run_dir) if self.run_dir else None, "model_id": m.get("model_id"),
+        return {"run_dir": str(self.run_dir) if self.run_dir else None, "samples_used": m.get("samples_used", "all"),
+                "model_id": m.get("model_id"),
                 "model_fingerprint": m.get("model_fingerprint"), "model_type": m.get("model_type"),
                 "dataset": m.get("dataset"), "dataset_fingerprint": m.get("dataset_fingerprint"),
                 "dataset_source": m.get("dataset_source"), "method": m.get("method"),
@@ -1083,11 +1095,13 @@ def crosscap_from_runs(runs: dict[str, ScoreRun], cfg: LocateConfig, scfg: Stabi
 
 
 def crosscap(capabilities: dict[str, str], cfg: LocateConfig, out_dir: Path | str, *, lm_factory=None,
-             runs: dict[str, Path | str] | None = None, n: int | None = 32, seed: int = 0, target: str = "cot",
+             runs: dict[str, Path | str] | None = None, run_samples: int | None = None,
+             n: int | None = 32, seed: int = 0, target: str = "cot",
              scfg: StabilityConfig | None = None, notes: list[str] | None = None,
              overwrite: bool = False) -> CrossCapResult:
     """Localize each capability (data spec) with ``cfg`` into ``out_dir/<name>`` (resumable), or take existing run
-    directories from ``runs`` (name -> dir, relocalized with ``cfg``'s rule), then build the cross-capability matrix.
+    directories from ``runs`` (name -> dir, relocalized with ``cfg``'s rule; with ``run_samples`` only their first
+    ``run_samples`` samples, so that all capabilities use the same number), then build the cross-capability matrix.
 
     ``lm_factory()`` returns the :class:`~caploc.models.loading.LoadedModel`; it is called only if something must
     be localized.
@@ -1102,6 +1116,8 @@ def crosscap(capabilities: dict[str, str], cfg: LocateConfig, out_dir: Path | st
     for nm in names:
         if nm in runs:
             loaded[nm] = load_run(runs[nm], want_groups=False)
+            if run_samples is not None and loaded[nm].n_samples > run_samples:
+                loaded[nm] = loaded[nm].head(run_samples)
             continue
         if lm is None:
             if lm_factory is None:

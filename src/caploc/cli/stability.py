@@ -168,6 +168,8 @@ def crosscap(
     caps: Optional[str] = typer.Option(None, help="NAME=SPEC,... capabilities to localize (default: gsm_symbolic, "
                                                   "rg:basic_arithmetic, humaneval, rg:sentence_reordering, facts)."),
     run: List[str] = typer.Option([], help="NAME=DIR: an existing locate run for a capability (repeatable)."),
+    run_samples: Optional[int] = typer.Option(None, help="Use only the first N stored samples of each --run dir "
+                                                         "(to match --n; the loaders' first N samples)."),
     model: str = _o_model(),
     n: int = typer.Option(32, help="Samples per capability."),
     seed: int = typer.Option(0), target: str = typer.Option("cot"),
@@ -209,7 +211,7 @@ def crosscap(
                       memory_mb, batch_size, shard_size)
     scfg = StabilityConfig(k=k, seeds=_seeds(seeds), kinds=["random"], null_draws=0, n_boot=n_boot)
     res = run_crosscap(capabilities, cfg, out, lm_factory=lambda: load_model_from_opts(model, dtype, device, None, None),
-                       runs=runs, n=n, seed=seed, target=target, scfg=scfg, notes=notes)
+                       runs=runs, run_samples=run_samples, n=n, seed=seed, target=target, scfg=scfg, notes=notes)
     from rich.table import Table
 
     from ..stability import _fmt
