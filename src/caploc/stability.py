@@ -418,7 +418,10 @@ def summarize_pairs(recs: list[dict], scfg: StabilityConfig) -> dict:
                                   (np.array([_nan(r[m]) for r in rk if r["seed"] == sd]) for sd in seeds)])
             else:
                 units = per_pair
-            est, lo, hi = stats.bootstrap_ci(units, n_boot=scfg.n_boot, seed=scfg.boot_seed, level=scfg.level)
+            if np.all(np.isnan(units)):  # every set empty: undefined, reported as n/a
+                est = lo = hi = float("nan")
+            else:
+                est, lo, hi = stats.bootstrap_ci(units, n_boot=scfg.n_boot, seed=scfg.boot_seed, level=scfg.level)
             s[m] = {"mean": _num(est), "lo": _num(lo), "hi": _num(hi),
                     "per_unit": [_num(v) for v in units]}
             ch = np.array([_nan(r.get(f"chance_{m}")) for r in rk], dtype=float)
@@ -774,9 +777,11 @@ class SweepResult:
             a1.set_yscale("symlog", linthresh=1)
             a1.set_xlabel(ax_name)
             a1.set_ylabel("neurons (all samples)")
-            for x, q in zip(xs, pts):
-                if q["n_neurons"] == 0:
-                    a1.annotate("empty", (x, 0), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+            a1.set_ylim(-0.3, max(2.0, 2.0 * max(q["n_neurons"] for q in pts)))
+            empty = [x for x, q in zip(xs, pts) if q["n_neurons"] == 0]
+            if empty:
+                a1.scatter(empty, [0] * len(empty), marker="v", color="red", zorder=3, label="empty set")
+                a1.legend(fontsize=7)
             for k, col in zip(kinds, ("tab:orange", "tab:purple")):
                 ag = [q["agreement"].get(k) or {} for q in pts]
                 for m, ls in (("iou", "-"), ("overlap", "--")):
@@ -795,6 +800,7 @@ class SweepResult:
             if ax_name in ("topk",):
                 a1.set_xscale("log")
                 a2.set_xscale("log")
+            a2.set_xlim(a1.get_xlim())
             fig.suptitle(f"{self.provenance.get('dataset')}: sweep over {ax_name}", fontsize=10)
             fig.tight_layout()
             fig.savefig(out_dir / f"fig_sweep_{ax_name}.png", dpi=110)
