@@ -224,3 +224,20 @@ def test_run_eval_report(tmp_path, lm):
     base, enh = back.results["a"]["untouched"], back.results["a"]["enhance(x3)"]
     assert enh.nll_per_token != base.nll_per_token
     assert count_hooks(lm.model) == 0
+
+
+@pytest.mark.real
+def test_real_model_nll_and_facts_accuracy():
+    from caploc.data import load_dataset
+
+    lm = load_model("smollm2-135m")
+    gsm = load_dataset("gsm_symbolic", n=2, seed=0)
+    r = nll(lm, gsm, batch_size=2)
+    assert 0.3 < r.nll_per_token < 4.0  # ~1.4 nats/token on gsm_symbolic CoT (docs/ASSETS)
+    facts = load_dataset("facts", n=3, seed=0)
+    res = evaluate(lm, facts, metrics=("nll", "accuracy"), batch_size=3)
+    assert res.kind == "facts" and len(res.generations) == 3 and all(isinstance(g, str) for g in res.generations)
+    with erase_neurons(lm.site, {l: list(range(lm.site.d_mlp)) for l in (0, 1)}):
+        hurt = nll(lm, facts, batch_size=3)
+    assert hurt.nll_per_token > res.nll_per_token
+    assert count_hooks(lm.model) == 0

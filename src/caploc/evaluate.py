@@ -649,15 +649,17 @@ def default_off_target(on_spec: str, n: int = 2) -> list[str]:
 
 
 def build_datasets(specs: Sequence[str], *, n: int = 32, seed: int = 1, neuron_meta: dict | None = None,
-                   heldout: bool = True, target: str = "cot") -> list[tuple[str, Any, str]]:
-    """[(label, Dataset, role)]: the first spec is on-target, the others off-target.
+                   heldout: bool = True, target: str = "cot", n_off: int | None = None) -> list[tuple[str, Any, str]]:
+    """[(label, Dataset, role)]: the first spec is on-target, the others off-target (``n_off`` samples each,
+    default ``n``).
 
     With ``heldout`` and a neuron set whose localization data can be rebuilt from its recorded source (same loader as
     the first spec), the on-target spec becomes two datasets of up to ``n`` samples each, drawn from a pool of
     ``4 n`` samples (seed ``seed``) minus the localization prompts: ``<spec>:heldout-samples`` (templates/groups seen
-    during localization) and ``<spec>:heldout-templates`` (unseen groups). Without a rebuildable localization set the
-    pool is split with ``train_test_split(by_group=True)`` (labels ``:split-groups-a`` / ``:split-groups-b``), and a
-    warning says the samples may overlap the localization data.
+    during localization) and ``<spec>:heldout-templates`` (unseen groups). When the localization data is of the same
+    kind but cannot be rebuilt, the pool is split with ``train_test_split(by_group=True)`` (labels
+    ``:split-groups-a`` / ``:split-groups-b``) and a warning says the samples may overlap the localization data. A
+    first spec other than the localization data's is used as is.
     """
     from .data import load_dataset
 
@@ -665,12 +667,15 @@ def build_datasets(specs: Sequence[str], *, n: int = 32, seed: int = 1, neuron_m
         raise CaplocError("no datasets given: pass --data at least once")
     out: list[tuple[str, Any, str]] = []
     first = specs[0]
-    if heldout and neuron_meta is not None:
-        src = neuron_meta.get("dataset_source")
-        loc = None
-        if spec_of(src) is not None and spec_of(src).replace("-", "_") == first.strip().replace("-", "_"):
-            loc = rebuild_dataset(src, neuron_meta.get("dataset_fingerprint"))
+    src = (neuron_meta or {}).get("dataset_source")
+    loc_spec = spec_of(src)
+    same = loc_spec is None or loc_spec.replace("-", "_") == first.strip().replace("-", "_")
+    if heldout and neuron_meta is not None and same:
+        loc = rebuild_dataset(src, neuron_meta.get("dataset_fingerprint")) if loc_spec is not None else None
         pool = load_dataset(first, n=4 * n, seed=seed, target=target)
+        if loc is None and len(pool.unique_groups()) < 2:
+            raise CaplocError(f"{first} has no groups to hold out and its localization data cannot be rebuilt; "
+                              "pass --no-heldout")
         if loc is not None:
             a, b = heldout_splits(pool, exclude=loc)
             names = ("heldout-samples", "heldout-templates")
@@ -694,5 +699,5 @@ def build_datasets(specs: Sequence[str], *, n: int = 32, seed: int = 1, neuron_m
         label = spec
         if any(lab == label for lab, _, _ in out):
             raise CaplocError(f"dataset {spec!r} is given twice; pass each --data once")
-        out.append((label, load_dataset(spec, n=n, seed=seed, target=target), "off"))
+        out.append((label, load_dataset(spec, n=n_off or n, seed=seed, target=target), "off"))
     return out

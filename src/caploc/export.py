@@ -288,6 +288,8 @@ def export_enhanced(lm, neurons, k: float, out_dir: Path | str, *, peft: bool | 
         summary["seconds"] = round(time.time() - t0, 2)
         atomic_write_json(tmp / "caploc_export.json", summary)
         _write_report(tmp, summary)
+        for f in tmp.rglob("*"):  # some writers create 0600 files; an export is an ordinary readable model dir
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

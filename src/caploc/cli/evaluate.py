@@ -41,6 +41,7 @@ def eval_cmd(
     model: Optional[str] = typer.Option(None, help="Model (default: the one in --neurons, else smollm2-135m)."),
     data: List[str] = typer.Option(["gsm_symbolic"], "--data", help="Dataset spec; repeat for cross-dataset evaluation. The first is in-domain."),
     n: int = typer.Option(32, help="Samples per dataset (per held-out part)."),
+    n_off: Optional[int] = typer.Option(None, help="Samples per off-target / cross-dataset dataset (default: --n)."),
     seed: int = typer.Option(1, help="Data seed (use one other than the localization seed)."),
     target: str = typer.Option("cot", help="gsm_symbolic target: cot or answer."),
     neurons: Optional[Path] = typer.Option(None, help="A locate run directory (neurons.json) to intervene on."),
@@ -65,7 +66,7 @@ def eval_cmd(
     gain_for(mode, k)  # validate before loading anything
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
     entries = build_datasets(data, n=n, seed=seed, neuron_meta=ns.meta if ns is not None else None,
-                             heldout=heldout, target=target)
+                             heldout=heldout, target=target, n_off=n_off)
     run = run_eval(lm, {lab: ds for lab, ds, _ in entries}, neurons=ns, mode=mode, k=k, metrics=ms, out_dir=out,
                    chat=chat, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
                    meta={"neurons": str(neurons) if neurons else None, "data_seed": seed,

@@ -33,6 +33,7 @@ def intervene(
     act_matched: bool = typer.Option(True, help="Also run the activation-matched control."),
     act_samples: int = typer.Option(8, help="Samples for the mean |activation| of the matched control."),
     n: int = typer.Option(32, help="Samples per dataset (per held-out part)."),
+    n_off: Optional[int] = typer.Option(None, help="Samples per off-target / cross-dataset dataset (default: --n)."),
     data_seed: int = typer.Option(1, help="Seed of the evaluation samples."),
     heldout: bool = typer.Option(True, help="Split the on-target data into held-out samples and held-out templates."),
     target: str = typer.Option("cot", help="gsm_symbolic target: cot or answer."),
@@ -66,7 +67,7 @@ def intervene(
     if len(specs) == 1:
         specs += default_off_target(specs[0])
         console.print(f"off-target datasets: {', '.join(specs[1:])}")
-    entries = build_datasets(specs, n=n, seed=data_seed, neuron_meta=ns.meta, heldout=heldout, target=target)
+    entries = build_datasets(specs, n=n, seed=data_seed, neuron_meta=ns.meta, heldout=heldout, target=target, n_off=n_off)
     res = run_intervention(lm, ns, entries, cfg, out_dir=out)
     t = Table("dataset", "k", "cond", "NLL/tok", "ΔNLL/tok", "95% CI", "random mean±sd", "z", "pct", box=None)
     for r in res.summary_rows():
