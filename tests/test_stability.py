@@ -186,6 +186,11 @@ def test_sweep_points_equal_fresh_localization(tmp_path):
                 assert set_from_mask(mask, cfg.min_freq, idx).tolist() == \
                     neuron_set_from_scores(scores[torch.as_tensor(idx)], cfg, {}).flat.tolist()
     assert nonempty >= 5  # the check is not vacuous
+    # n_samples axis: a point on the first 8 samples equals a fresh localization of scores[:8]
+    sz = sweep(run, SweepConfig(sigmas=[], min_freqs=[], topks=[], sizes=[8, 12], split=sw.split), axes=("n_samples",))
+    assert [p["n_samples"] for p in sz.points] == [8, 12]
+    assert sz.points[0]["neurons"] == neuron_set_from_scores(scores[:8], base, {}).flat.tolist()
+    assert sz.points[1]["neurons"] == neuron_set_from_scores(scores, base, {}).flat.tolist()
     # the grid of sizes agrees with the sigma-axis points at the same S
     g_sig = res.grid["sigmas"].index(2.0)
     g_s = res.grid["min_freqs"].index(0.25)

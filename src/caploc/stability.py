@@ -679,12 +679,14 @@ class SweepConfig:
     sigmas: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
     min_freqs: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
     topks: list[int] = field(default_factory=lambda: [10, 25, 50, 100, 200, 500])
+    sizes: list[int] = field(default_factory=list)  # n_samples axis: the first n stored samples (empty = skip)
     split: StabilityConfig = field(default_factory=lambda: StabilityConfig(kinds=["random"], null_draws=0))
 
     def __post_init__(self):
         self.sigmas = [float(x) for x in self.sigmas]
         self.min_freqs = [float(x) for x in self.min_freqs]
         self.topks = [int(x) for x in self.topks]
+        self.sizes = [int(x) for x in self.sizes]
         for f in self.min_freqs:
             if f <= 0:
                 raise CaplocError(f"min_freq values must be > 0, got {f}")
@@ -724,13 +726,14 @@ class SweepResult:
     def report(self) -> dict:
         p = self.provenance
         kinds = self.config["split"]["kinds"]
-        cols = ["axis", "rule", "value", "min_freq", "S (full)", "neurons", "share of params", "per-sample selected"]
+        cols = ["axis", "samples", "rule", "value", "min_freq", "S (full)", "neurons", "share of params",
+                "per-sample selected"]
         for k in kinds:
             cols += [f"{k} overlap", f"{k} overlap CI", f"{k} IoU", f"{k} IoU CI", f"{k} chance IoU",
                      f"{k} empty pairs"]
         rows = []
         for q in self.points:
-            row = [q["axis"], q["rule"], q["rule_value"], q["min_freq"], q["min_count"], q["n_neurons"],
+            row = [q["axis"], q["n_samples"], q["rule"], q["rule_value"], q["min_freq"], q["min_count"], q["n_neurons"],
                    _r(q["share_of_params"], 7), round(q["per_sample_selected_mean"], 1)]
             for k in kinds:
                 a = q["agreement"].get(k) or {}
@@ -771,7 +774,8 @@ class SweepResult:
         kinds = self.config["split"]["kinds"]
         for ax_name in dict.fromkeys(q["axis"] for q in self.points):
             pts = [q for q in self.points if q["axis"] == ax_name]
-            xs = [q["min_freq"] if ax_name == "min_freq" else q["rule_value"] for q in pts]
+            xs = [q["min_freq"] if ax_name == "min_freq" else q["n_samples"] if ax_name == "n_samples"
+                  else q["rule_value"] for q in pts]
             fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
             a1.plot(xs, [q["n_neurons"] for q in pts], "o-", color="tab:green")
             a1.set_yscale("symlog", linthresh=1)
@@ -827,7 +831,8 @@ class SweepResult:
 def sweep_point(run: ScoreRun, mask: torch.Tensor, cfg: LocateConfig, axis: str, scfg: StabilityConfig) -> dict:
     """Set size and split agreement of ``run`` under ``cfg`` (``mask`` = ``selection_masks(run.scores, cfg)``)."""
     full = set_from_mask(mask, cfg.min_freq)
-    point = {"axis": axis, "rule": cfg.rule, "rule_value": cfg.rule_value, "min_freq": cfg.min_freq,
+    point = {"axis": axis, "n_samples": run.n_samples, "rule": cfg.rule, "rule_value": cfg.rule_value,
+             "min_freq": cfg.min_freq,
              "min_count": min_count(cfg.min_freq, run.n_samples), "n_neurons": int(len(full)),
              "share_of_neurons": len(full) / (run.n_layers * run.d_mlp), "share_of_params": run.share_of_params(len(full)),
              "per_sample_selected_mean": float(mask.sum(1).double().mean()),
@@ -862,12 +867,25 @@ def sweep(run: ScoreRun | Path | str, swcfg: SweepConfig | None = None, out_dir:
         jobs += [("min_freq", rule_config(base, min_freq=f)) for f in swcfg.min_freqs]
     if "topk" in axes:
         jobs += [("topk", rule_config(base, "topk", t)) for t in swcfg.topks]
-    bad = set(axes) - {"sigma", "min_freq", "topk"}
+    if "n_samples" in axes:
+        for n in swcfg.sizes:
+            if not swcfg.split.k <= n <= run.n_samples:
+                raise CaplocError(f"sweep size {n} must lie between k={swcfg.split.k} and the {run.n_samples} stored "
+                                  "samples")
+        jobs += [("n_samples", n) for n in swcfg.sizes]
+    bad = set(axes) - {"sigma", "min_freq", "topk", "n_samples"}
     if bad:
-        raise CaplocError(f"unknown sweep axis {sorted(bad)}; choose from sigma, min_freq, topk")
+        raise CaplocError(f"unknown sweep axis {sorted(bad)}; choose from sigma, min_freq, topk, n_samples")
     masks: dict = {}
     points = []
     for axis, cfg in tqdm(jobs, desc="sweep", unit="point", leave=False):
+        if axis == "n_samples":  # the first n samples, at the run's own rule
+            n, cfg = cfg, base
+            key = (cfg.rule, cfg.rule_value)
+            if key not in masks:
+                masks[key] = selection_masks(run.scores, cfg)
+            points.append(sweep_point(run.head(n), masks[key][:n], cfg, axis, swcfg.split))
+            continue
         key = (cfg.rule, cfg.rule_value)
         if key not in masks:
             masks[key] = selection_masks(run.scores, cfg)

@@ -135,7 +135,8 @@ def sweep(
     sigmas: str = typer.Option("2,3,4,5,6,8,10", help="sigma values (per-sample rule)."),
     min_freqs: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1.0", help="S values (fractions or counts)."),
     topks: str = typer.Option("10,25,50,100,200,500", help="top-k values."),
-    axes: str = typer.Option("sigma,min_freq,topk", help="Which knobs to sweep."),
+    sizes: str = typer.Option("", help="n_samples axis: sample counts (the first N stored samples), e.g. 32,64,96."),
+    axes: str = typer.Option("sigma,min_freq,topk", help="Which knobs to sweep (also: n_samples, with --sizes)."),
     k: int = typer.Option(2), seeds: int = typer.Option(5), kinds: str = typer.Option("random"),
     n_boot: int = typer.Option(2000),
     out: Path = typer.Option(Path("runs/sweep"), help="Output directory."),
@@ -146,9 +147,13 @@ def sweep(
 
     scfg = StabilityConfig(k=k, seeds=_seeds(seeds), kinds=_kinds(kinds), null_draws=0, n_boot=n_boot)
     sw = SweepConfig(sigmas=_floats(sigmas, "sigmas") or [], min_freqs=_floats(min_freqs, "min-freqs") or [],
-                     topks=[int(x) for x in _floats(topks, "topks") or []], split=scfg)
+                     topks=[int(x) for x in _floats(topks, "topks") or []],
+                     sizes=[int(x) for x in _floats(sizes, "sizes") or []], split=scfg)
+    ax = _kinds(axes)
+    if sw.sizes and "n_samples" not in ax:
+        ax.append("n_samples")
     srun = load_run(run, want_groups="group" in scfg.kinds)
-    res = run_sweep(srun, sw, out, axes=tuple(_kinds(axes)))
+    res = run_sweep(srun, sw, out, axes=tuple(ax))
     from rich.table import Table
 
     from ..stability import _fmt, _fmt_ci
@@ -156,7 +161,8 @@ def sweep(
     t = Table("axis", "value", "S", "neurons", "IoU [CI]", "chance IoU", box=None)
     for p in res.points:
         a = p["agreement"].get(scfg.kinds[0]) or {}
-        val = p["min_freq"] if p["axis"] == "min_freq" else p["rule_value"]
+        val = p["min_freq"] if p["axis"] == "min_freq" else p["n_samples"] if p["axis"] == "n_samples" \
+            else p["rule_value"]
         t.add_row(p["axis"], f"{val:g}", str(p["min_count"]), str(p["n_neurons"]),
                   _fmt_ci(a.get("iou"), a.get("iou_lo"), a.get("iou_hi")), _fmt(a.get("chance_iou"), 5))
     console.print(t)
