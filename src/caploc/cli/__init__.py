@@ -10,7 +10,7 @@ import sys
 from .app import app
 
 # each verb lives in its own module and registers itself on ``app``
-_VERB_MODULES = ["locate", "stability", "finetune", "report", "contrast", "audit", "evaluate", "intervene", "decouple"]
+_VERB_MODULES = ["locate", "stability", "finetune", "report", "contrast", "audit", "evaluate", "intervene", "decouple", "reproduce"]
 for _m in _VERB_MODULES:
     importlib.import_module(f"{__name__}.{_m}")
 
