@@ -12,7 +12,7 @@ from torch import nn
 
 from caploc.audit.circuits import (
     CircuitAudit, CircuitConfig, NodeGraph, ParamSet, ablated_metric, audit_circuits, circuit_nodes, clean_embedding,
-    edge_attribution, make_ablation, node_means, param_ranges, param_sets, subject_span, tap,
+    edge_attribution, make_ablation, node_means, param_ranges, param_sets, stack_ablations, subject_span, tap,
 )
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
@@ -335,6 +335,14 @@ def test_mean_ablation_nothing_and_everything(llama):
             x = x + model.model.layers[l].self_attn.o_proj(mz[l].double()) + mm[l].double()
         want = float(torch.log_softmax(model.lm_head(model.model.norm(x[None]))[0], -1)[t])
     assert got == pytest.approx(want, abs=1e-5)
+    # a batch of ablation patterns gives the same numbers as one pattern at a time
+    rng = np.random.default_rng(0)
+    pats = [rng.random(g.n_nodes) < 0.5 for _ in range(3)]
+    abls = [make_ablation(g, k, mz, mm, 1) for k in pats] + [none, full]
+    one = [ablated_metric(g, ids, P, [t], a) for a in abls]
+    many = ablated_metric(g, ids, P, [t], stack_ablations(abls))
+    assert many == pytest.approx(np.array(one), abs=1e-9)
+    assert len(set(np.round(one, 6))) == 5
     assert count_hooks(model) == 0
 
 

@@ -399,10 +399,11 @@ def _replace_hidden(args, kwargs, new):
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Ablation:
-    """Mean ablation: ``keep_head [L, H]`` / ``keep_mlp [L]`` (False = replaced by the mean) at positions ``pos``."""
+    """Mean ablation: ``keep_head [L, H]`` / ``keep_mlp [L]`` (False = replaced by the mean) at positions
+    ``>= first_pos``; with a leading batch dimension (``[R, L, H]`` / ``[R, L]``) row r of the batch gets pattern r."""
 
-    keep_head: torch.Tensor  # [L, H] bool
-    keep_mlp: torch.Tensor  # [L] bool
+    keep_head: torch.Tensor  # [L, H] or [R, L, H] bool
+    keep_mlp: torch.Tensor  # [L] or [R, L] bool
     mean_z: torch.Tensor  # [L, H*hd] mean input of the output projection
     mean_mlp: torch.Tensor  # [L, d] mean MLP output
     first_pos: int = 1  # ablate positions >= first_pos
@@ -436,8 +437,11 @@ def tap(graph: NodeGraph, rec: dict | None = None, emb: torch.Tensor | None = No
         def z_pre(l):
             def fn(m, args):
                 z = args[0]
-                if ablation is not None and not bool(ablation.keep_head[l].all()):
-                    mask = (~ablation.keep_head[l]).repeat_interleave(hd).to(z.device)  # [H*hd]
+                kh = None if ablation is None else ablation.keep_head[..., l, :]  # [H] or [R, H]
+                if kh is not None and not bool(kh.all()):
+                    mask = (~kh).repeat_interleave(hd, dim=-1).to(z.device)  # [H*hd] or [R, H*hd]
+                    if mask.dim() == 2:
+                        mask = mask[:, None, :]  # [R, 1, H*hd]
                     z = z.clone()
                     sl = z[:, ablation.first_pos:]
                     z[:, ablation.first_pos:] = torch.where(mask, ablation.mean_z[l].to(z.device, z.dtype), sl)
@@ -448,9 +452,13 @@ def tap(graph: NodeGraph, rec: dict | None = None, emb: torch.Tensor | None = No
         def mlp_post(l):
             def fn(m, args, out):
                 o = _first(out)
-                if ablation is not None and not bool(ablation.keep_mlp[l]):
+                km = None if ablation is None else ablation.keep_mlp[..., l]  # [] or [R]
+                if km is not None and not bool(km.all()):
                     o = o.clone()
-                    o[:, ablation.first_pos:] = ablation.mean_mlp[l].to(o.device, o.dtype)
+                    rows = (~km).reshape(-1).to(o.device)
+                    if rows.numel() == 1:
+                        rows = rows.expand(o.shape[0])
+                    o[rows, ablation.first_pos:] = ablation.mean_mlp[l].to(o.device, o.dtype)
                     put(f"mlp_out{l}", o)
                     return (o, *out[1:]) if isinstance(out, tuple) else o
                 put(f"mlp_out{l}", o)
@@ -498,6 +506,19 @@ def metric_value(logits: torch.Tensor, target_ids: list[int], prompt_len: int, k
     if kind == "logit":
         return row[target_ids[0]]
     return torch.log_softmax(row, -1)[target_ids[0]]
+
+
+def _logits(model, ids: torch.Tensor, target_ids: list[int], kind: str) -> tuple[torch.Tensor, int]:
+    """Forward returning logits of the scored positions only where the model supports ``logits_to_keep``; returns
+    (logits [B, T', V], offset) with absolute position p at index p - offset."""
+    T = ids.shape[1]
+    keep = len(target_ids) if kind == "target_logprob" else 1
+    try:
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=keep)
+    except TypeError:
+        out = model(input_ids=ids, use_cache=False)
+    logits = out.logits
+    return logits, T - logits.shape[1]
 
 
 def _inputs(ids: list[int], target_ids: list[int], prompt_len: int, kind: str) -> list[int]:
@@ -548,14 +569,15 @@ def edge_attribution(graph: NodeGraph, input_ids: list[int], prompt_len: int, ta
     with frozen(model):
         rc: dict = {}
         with torch.no_grad(), tap(graph, rc, emb=corrupt_emb):
-            m_cor = float(metric_value(model(input_ids=ids, use_cache=False).logits, target_ids, prompt_len, metric))
+            logits, off = _logits(model, ids, target_ids, metric)
+            m_cor = float(metric_value(logits, target_ids, prompt_len - off, metric))
         a_cor = _upstream_outputs(graph, rc)
         del rc
         rec: dict = {}
         with torch.enable_grad():
             with tap(graph, rec, leaf=True):
-                logits = model(input_ids=ids, use_cache=False).logits
-            m = metric_value(logits, target_ids, prompt_len, metric)
+                logits, off = _logits(model, ids, target_ids, metric)
+            m = metric_value(logits, target_ids, prompt_len - off, metric)
             zs = [rec[f"z{l}"] for l in range(L)]
             mo = [rec[f"mlp_out{l}"] for l in range(L)]
             g_all = torch.autograd.grad(m, zs + mo + [rec["final"]], retain_graph=True, allow_unused=True)
@@ -624,12 +646,23 @@ def node_means(graph: NodeGraph, sequences: list[list[int]], first_pos: int = 1)
 
 
 def ablated_metric(graph: NodeGraph, input_ids: list[int], prompt_len: int, target_ids: list[int], ablation: Ablation,
-                   metric: str = "logprob") -> float:
-    """The metric with the ablated nodes' outputs replaced by their means."""
+                   metric: str = "logprob") -> float | np.ndarray:
+    """The metric with the ablated nodes' outputs replaced by their means (one value, or one per row of a batched
+    ablation)."""
     dev = graph.site.input_device()
+    batched = ablation.keep_head.dim() == 3
+    R = ablation.keep_head.shape[0] if batched else 1
+    ids = torch.tensor([input_ids], device=dev).expand(R, -1)
     with torch.no_grad(), tap(graph, None, ablation=ablation):
-        logits = graph.model(input_ids=torch.tensor([input_ids], device=dev), use_cache=False).logits
-    return float(metric_value(logits, target_ids, prompt_len, metric))
+        logits, off = _logits(graph.model, ids, target_ids, metric)
+    vals = [float(metric_value(logits[r:r + 1], target_ids, prompt_len - off, metric)) for r in range(R)]
+    return np.asarray(vals) if batched else vals[0]
+
+
+def stack_ablations(abls: list[Ablation]) -> Ablation:
+    """One batched ablation (row r = abls[r]); all must share means and first_pos."""
+    return Ablation(torch.stack([a.keep_head for a in abls]), torch.stack([a.keep_mlp for a in abls]),
+                    abls[0].mean_z, abls[0].mean_mlp, abls[0].first_pos)
 
 
 def circuit_nodes(graph: NodeGraph, edge_idx) -> np.ndarray:
@@ -1221,17 +1254,18 @@ def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool |
         top_e[i], top_s[i] = order.numpy(), ea.scores[order].numpy()
         m_clean[i], m_cor[i] = ea.m_clean, ea.m_corrupt
         keep = circuit_nodes(graph, top_e[i])
-        abl = make_ablation(graph, keep, mean_z, mean_mlp, first)
-        m_circ = ablated_metric(graph, seq, p.prompt_len, p.target_ids, abl, kind)
-        m_emp[i] = ablated_metric(graph, seq, p.prompt_len, p.target_ids, empty, kind)
-        r_circ[i] = _ratio(m_circ, ea.m_clean, kind)
         nh, nm = int(keep[head_nodes].sum()), int(keep[mlp_nodes].sum())
+        abls = [make_ablation(graph, keep, mean_z, mean_mlp, first), empty]
         for r in range(cfg.random_draws):
             rk = np.zeros(graph.n_nodes, dtype=bool)
             rk[rng.choice(head_nodes, nh, replace=False)] = True
             rk[rng.choice(mlp_nodes, nm, replace=False)] = True
-            rab = make_ablation(graph, rk, mean_z, mean_mlp, first)
-            r_rand[i, r] = _ratio(ablated_metric(graph, seq, p.prompt_len, p.target_ids, rab, kind), ea.m_clean, kind)
+            abls.append(make_ablation(graph, rk, mean_z, mean_mlp, first))
+        vals = np.concatenate([ablated_metric(graph, seq, p.prompt_len, p.target_ids, stack_ablations(abls[b:b + 16]), kind)
+                               for b in range(0, len(abls), 16)])
+        r_circ[i] = _ratio(vals[0], ea.m_clean, kind)
+        m_emp[i] = vals[1]
+        r_rand[i] = [_ratio(v, ea.m_clean, kind) for v in vals[2:]]
         bar.update(1)
     bar.close()
 
@@ -1269,6 +1303,6 @@ def _ratio(m_abl: float, m_full: float, kind: str) -> float:
 
 __all__ = [
     "CircuitConfig", "NodeGraph", "EdgeAttribution", "edge_attribution", "Ablation", "node_means", "ablated_metric",
-    "make_ablation", "circuit_nodes", "tap", "metric_value", "CircuitAudit", "ParamSet", "param_sets", "param_ranges", "fact_rows",
+    "make_ablation", "stack_ablations", "circuit_nodes", "tap", "metric_value", "CircuitAudit", "ParamSet", "param_sets", "param_ranges", "fact_rows",
     "audit_circuits", "subject_span", "clean_embedding",
 ]
