@@ -634,7 +634,7 @@ def _usable_kinds(run: ScoreRun, scfg: StabilityConfig) -> tuple[list[str], dict
             raise CaplocError(f"{run.n_samples} samples cannot be split into k={scfg.k} parts; lower --k")
         kinds.append(kind)
     for kind, why in skipped.items():
-        log.warning("split kind %r skipped: %s", kind, why)
+        log.info("split kind %r skipped: %s", kind, why)
     if not kinds:
         raise CaplocError(f"no usable split kind ({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); "
                           "use --kinds random")
