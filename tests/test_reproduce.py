@@ -65,7 +65,7 @@ known = "none"
 [decouple]
 n_groups = 2
 group_size = 2
-domains = ["gsm_symbolic"]
+domains = ["facts"]  # gsm chains of thought exceed the tiny model's 256 positions with its character tokenizer
 """
 
 

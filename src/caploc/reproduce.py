@@ -62,7 +62,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "audit": {"enabled": True, "n_facts": 20, "methods": ["kn", "tracing", "cnl", "circuits"], "kn_steps": 4,
               "max_phrasings": 3, "known": "prob", "known_threshold": 0.05},
     "decouple": {"enabled": True, "n_groups": 6, "group_size": 4, "domains": ["gsm_symbolic", "facts"],
-                 "method": "grad_x_act"},
+                 "method": "grad_x_act", "gsm_target": "cot"},
 }
 
 
@@ -351,7 +351,8 @@ def _stage_decouple(ctx: _Ctx, out: Path) -> None:
 
     d, st = ctx.study["decouple"], ctx.study
     cfg = DecoupleConfig(n_groups=d["n_groups"], group_size=d["group_size"], domains=list(d["domains"]),
-                         method=d["method"], seed=st["study"]["seed"], chat=st["study"]["chat"])
+                         method=d["method"], seed=st["study"]["seed"], chat=st["study"]["chat"],
+                         gsm_target=d["gsm_target"])
     decouple(ctx.lm, cfg, out)
 
 
