@@ -1,0 +1,251 @@
+"""Peak memory of one IG micro-batch, and a planner for the number of rows that fits a device.
+
+What the engine (``attribution/engine.py``) holds at the peak of one micro-batch of ``R`` rows (one row = one
+(layer, alpha) pair of one sample) whose lowest scaled layer is ``l``: it runs ``D = L - l`` layers (the worst case,
+``D = L``, is the micro-batch that holds the layer-0 rows) on a suffix of ``S`` positions after a reused prefix of
+``P`` positions, scoring ``n`` positions; ``e`` = element size (2 for bf16/fp16, 4 for fp32), ``d`` = d_model,
+``m`` = d_mlp, ``H`` heads of size ``hd``, ``kv`` = kv heads x hd, ``V`` = vocab:
+
+======================  =============================================================================================
+term                    bytes
+======================  =============================================================================================
+weights                 ``n_params * e``
+sample state (batch 1)  prefix KV cache ``2 L kv P e``; recorded block outputs ``L S d e``; the clean neuron
+                        activations of every layer ``L S m e``, plus fp32 copies for the ``k`` scored layers when
+                        ``e < 4`` (``k S m 4``)
+KV cache x rows         ``R 2 kv (L P + D S) e``: every layer holds the prefix repeated per row, run layers also the
+                        suffix. When the attention repeats K/V for grouped-query heads (eager attention always; SDPA
+                        when there is a mask, i.e. with a prefix) the repeated copies are saved too:
+                        ``R (D-1) 2 H hd (P+S) e``, and SDPA with a mask saves the mask: ``R (D-1) S (P+S) e``
+saved for backward      ``R S (D-1) a`` with ``a`` bytes per token per layer (below), the final norm's input
+                        ``R S d 4``, and eager attention's probabilities ``R (D-1) H S (P+S) (4 [+ e if e < 4])``
+logits                  ``R n V (12 + e)``: logits, fp32 log-softmax (saved), and the two gradients in backward
+backward transients     ``R S (2 d + 3 m) e`` (gradient buffers of one layer) and the returned neuron gradients
+                        ``h R S m e`` for the ``h`` layers scaled in the micro-batch
+======================  =============================================================================================
+
+The weights are frozen, so the linear layers save nothing (the gradient w.r.t. their input needs only the weight).
+Counted tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` on SmolLM2 (Llama block: RMSNorm, rotary
+attention, gated MLP), per token per run layer, ``a`` =
+
+* the two RMSNorm inputs, kept in fp32 (in fp32 runs they are the residual stream itself): ``2 d 4``;
+* the rotated query ``d e``, and for SDPA its output ``d e`` (eager attention keeps the probabilities instead);
+* gate output, act(gate) and up output (SiLU and the product save them): ``3 m e``.
+
+The lowest run layer saves nothing before its scaled neurons (its input is a replayed, gradient-free tensor), hence
+``D - 1``. GPT-2 / GPT-J / NeoX blocks (LayerNorm, GELU written as several ops, fused QKV) are not counted op by op:
+they use ``a = (4 d + 6 m) e + 2 d 4`` as a conservative default.
+
+The planner reserves ``reserve_gb`` (accelerator context, allocator workspace) and uses ``safety`` of the device
+(default 0.9, for allocator fragmentation). Checked against CPU peaks (VmHWM) on SmolLM2-135M
+(``benchmarks/scaling.py memory``; docs/scaling.md has the table). GPU peaks are not measured here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import CaplocError
+
+GiB = 2**30
+MiB = 2**20
+
+_GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions that set the memory of attribution."""
+
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    n_params: int
+    gated: bool = True
+    model_type: str = "llama"
+
+    @classmethod
+    def from_config(cls, config, n_params: int | None = None) -> "ModelShape":
+        """From a transformers config (no weights: the parameter count comes from a meta-device instance)."""
+        g = lambda *names, default=None: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)  # noqa: E731
+        try:
+            L = int(g("num_hidden_layers", "n_layer"))
+            d = int(g("hidden_size", "n_embd"))
+            H = int(g("num_attention_heads", "n_head"))
+        except (TypeError, ValueError):
+            raise CaplocError(f"config of type {type(config).__name__} lacks layer/width/head counts; "
+                              "pass a ModelShape instead") from None
+        m = int(g("intermediate_size", "n_inner", default=4 * d))
+        kv = int(g("num_key_value_heads", default=H))
+        hd = int(g("head_dim", default=d // H))
+        mt = getattr(config, "model_type", "custom")
+        if n_params is None:
+            n_params = count_params(config)
+        return cls(L, d, m, H, kv, hd, int(config.vocab_size), int(n_params), mt in _GATED or mt == "custom", mt)
+
+    @classmethod
+    def from_model(cls, model) -> "ModelShape":
+        return cls.from_config(model.config, n_params=sum(p.numel() for p in model.parameters()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(config) -> int:
+    """Parameters of ``AutoModelForCausalLM.from_config(config)``, built on the meta device (no memory, no download)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return int(sum(p.numel() for p in model.parameters()))  # tied weights counted once
+
+
+def _shape(config) -> ModelShape:
+    return config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+
+
+def _elem(dtype) -> int:
+    if isinstance(dtype, str):
+        from .models.loading import parse_dtype
+
+        dtype = parse_dtype(dtype)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, dtype="float32", attn: str = "sdpa") -> int:
+    """Bytes saved for backward per row, per token, per run layer above the lowest (``a`` in the module docstring)."""
+    e = _elem(dtype)
+    d, m = shape.d_model, shape.d_mlp
+    if shape.gated:
+        return 2 * d * 4 + (2 if attn == "sdpa" else 1) * d * e + 3 * m * e
+    return 2 * d * 4 + (4 * d + 6 * m) * e
+
+
+def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype="float32", *,
+                  n_scored: int | None = None, depth: int | None = None, scaled_layers: int | None = None,
+                  scored_layers: int | None = None, attn: str = "sdpa", include_weights: bool = True) -> dict:
+    """Predicted peak bytes of one IG micro-batch, by term (see the module docstring). ``depth`` = layers run by the
+    micro-batch (default all: the worst case); ``n_scored`` = scored positions (default ``suffix_len``);
+    ``scaled_layers`` = distinct layers scaled in the micro-batch (default ``ceil(rows / 20)``, 20 IG steps);
+    ``scored_layers`` = layers the sample is scored on (``AttributionConfig.layers``; default all)."""
+    s = _shape(config)
+    if rows < 1 or suffix_len < 1 or prefix_len < 0:
+        raise CaplocError(f"rows and suffix_len must be >= 1 and prefix_len >= 0 (got {rows}, {suffix_len}, {prefix_len})")
+    if attn not in ("sdpa", "eager"):
+        raise CaplocError(f"attn must be sdpa or eager, got {attn!r}")
+    e = _elem(dtype)
+    L, d, m, H, hd = s.n_layers, s.d_model, s.d_mlp, s.n_heads, s.head_dim
+    kv = s.n_kv_heads * hd
+    D = L if depth is None else max(1, min(int(depth), L))
+    S, P, R = int(suffix_len), int(prefix_len), int(rows)
+    n = S if n_scored is None else int(n_scored)
+    h = max(1, math.ceil(R / 20)) if scaled_layers is None else int(scaled_layers)
+    k = L if scored_layers is None else max(1, min(int(scored_layers), L))
+    K = P + S  # key length
+    repeat = s.n_kv_heads < H and (attn == "eager" or P > 0)
+    attn_extra = 0
+    if repeat:
+        attn_extra += R * (D - 1) * 2 * H * hd * K * e
+    if attn == "sdpa" and P > 0:
+        attn_extra += R * (D - 1) * S * K * e  # the mask, saved per layer
+    if attn == "eager":
+        attn_extra += R * (D - 1) * H * S * K * (4 + (e if e < 4 else 0))
+    terms = {
+        "weights": s.n_params * e if include_weights else 0,
+        "sample_state": 2 * L * kv * P * e + L * S * d * e + L * S * m * e + (k * S * m * 4 if e < 4 else 0),
+        "kv_cache": R * 2 * kv * (L * P + D * S) * e,
+        "saved_activations": R * S * (D - 1) * activation_bytes_per_token_layer(s, dtype, attn) + R * S * d * 4
+        + attn_extra,
+        "logits": R * n * s.vocab * (12 + e),
+        "backward_transients": R * S * (2 * d + 3 * m) * e + h * R * S * m * e,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def engine_row_bytes(shape: ModelShape, suffix_len: int, n_scored: int, dtype="float32", depth: int | None = None) -> int:
+    """What ``Attributor._chunk_len`` charges per row against ``memory_mb`` (its own estimate, kept in sync by hand)."""
+    e = _elem(dtype)
+    D = shape.n_layers if depth is None else depth
+    return (suffix_len * D * (12 * shape.d_model + 4 * shape.d_mlp) + 3 * n_scored * shape.vocab) * e
+
+
+def plan(config, seq_len: int, dtype="bfloat16", gpu_mem_gb: float = 80.0, *, prefix_len: int = 0,
+         n_scored: int | None = None, steps: int = 20, attn: str = "sdpa", reserve_gb: float = 1.0,
+         safety: float = 0.9, max_rows: int = 256) -> dict:
+    """The most IG rows per micro-batch that fit ``gpu_mem_gb`` for samples of ``seq_len`` tokens.
+
+    ``prefix_len``: positions before the first scaled one (0 for ``positions=all``; the prompt for ``target``).
+    Returns the row count, the predicted peak (GiB) with its terms, whether even one row fits, and the
+    ``memory_mb`` to pass to ``AttributionConfig`` so the engine packs that many rows at the worst depth.
+    """
+    s = _shape(config)
+    if seq_len < 2 or not 0 <= prefix_len < seq_len - 1:
+        raise CaplocError(f"seq_len must be >= 2 and prefix_len in [0, seq_len - 1) (got {seq_len}, {prefix_len})")
+    S = seq_len - 1 - prefix_len  # the last token is only a label
+    n = S if n_scored is None else int(n_scored)
+    budget = gpu_mem_gb * GiB * safety - reserve_gb * GiB
+    peak = lambda r: ig_peak_bytes(s, r, S, prefix_len, dtype, n_scored=n, attn=attn, scaled_layers=max(1, math.ceil(r / steps)))  # noqa: E731
+    lo = 0
+    hi = max_rows
+    if peak(1)["total"] <= budget:
+        lo = 1
+        while lo < hi:  # largest r with peak(r) <= budget (peak is increasing in r)
+            mid = (lo + hi + 1) // 2
+            if peak(mid)["total"] <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+    rows = lo
+    at = peak(max(rows, 1))
+    row_bytes = engine_row_bytes(s, S, n, dtype)
+    rows_total = s.n_layers * (steps + 1)  # (layer, alpha) rows of one sample incl. the alpha = 0 completeness rows
+    return {
+        "model_type": s.model_type, "n_params": s.n_params, "dtype": str(dtype).removeprefix("torch."),
+        "seq_len": seq_len, "prefix_len": prefix_len, "suffix_len": S, "n_scored": n, "gpu_mem_gb": gpu_mem_gb,
+        "fits": rows >= 1, "rows": rows, "peak_gb": at["total"] / GiB,
+        "terms_gb": {k: v / GiB for k, v in at.items() if k != "total"},
+        "per_row_gb": (peak(2)["total"] - peak(1)["total"]) / GiB,
+        "weights_gb": at["weights"] / GiB, "budget_gb": budget / GiB,
+        "memory_mb": math.ceil((max(rows, 1) + 0.5) * row_bytes / MiB),
+        "micro_batches_per_sample": math.ceil(rows_total / max(rows, 1)),
+    }
+
+
+def auto_memory_mb(model, seq_len: int, *, prefix_len: int = 0, n_scored: int | None = None, steps: int = 20,
+                   reserve_gb: float = 1.0, safety: float = 0.9) -> float | None:
+    """``memory_mb`` for ``AttributionConfig`` from the free memory of the accelerator that holds ``model`` (its
+    weights are already resident), for samples of up to ``seq_len`` tokens; None on the CPU (keep the default)."""
+    dev = next(model.parameters()).device
+    if dev.type in ("cpu", "meta"):
+        return None
+    free, _total = torch.accelerator.get_memory_info(dev)
+    shape = ModelShape.from_model(model)
+    weights = shape.n_params * next(model.parameters()).element_size()
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    p = plan(shape, seq_len, next(model.parameters()).dtype, (free + weights) / GiB, prefix_len=prefix_len,
+             n_scored=n_scored, steps=steps, attn="eager" if attn == "eager" else "sdpa", reserve_gb=reserve_gb,
+             safety=safety)
+    if not p["fits"]:
+        raise CaplocError(f"one attribution row of {seq_len} tokens needs ~{p['peak_gb'] - p['weights_gb']:.1f} GB "
+                          f"beyond the weights but {free / GiB:.1f} GB are free on {dev}; shorten the samples "
+                          "(--max-length), score fewer positions (--positions target) or split the model (--device-map)")
+    return float(p["memory_mb"])
+
+
+def format_plan(p: dict) -> str:
+    """One line per plan for logs and docs."""
+    return (f"{p['model_type']} {p['n_params'] / 1e9:.2f}B {p['dtype']} seq {p['seq_len']} on {p['gpu_mem_gb']:g} GB: "
+            + (f"{p['rows']} rows/micro-batch, peak {p['peak_gb']:.1f} GB (weights {p['weights_gb']:.1f} GB, "
+               f"{p['per_row_gb']:.2f} GB/row), memory_mb={p['memory_mb']}" if p["fits"] else
+               f"does not fit: one row needs {p['peak_gb']:.1f} GB"))
+
+
+__all__ = ["ModelShape", "count_params", "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes",
+           "plan", "auto_memory_mb", "format_plan"]
