@@ -26,6 +26,15 @@ from caploc.models.loading import load_model
 from caploc.stats import expected_random_agreement
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small ops on a shared, oversubscribed CPU run many times faster on one thread; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def llama():
     return load_model("tiny:llama")
@@ -109,7 +118,25 @@ def test_trace_consistency_and_replay(llama, gpt2):
         assert pk["ie"] == pytest.approx(float(torch.nan_to_num(ie, nan=-1).max()))
         c = a.layer_curve("mlp", "last_subject")
         assert a.peak_layer("mlp") == int(c.argmax())
+        # key mode = the subject mode's numbers at the last subject token and the last token
+        k = Tracer(lm.site, TracingConfig(n_noise=2, tokens="key")).trace(ids, 50, sp, seed=3)
+        cols = [a.positions.index(p) for p in k.positions]
+        assert k.positions == [sp[-1], len(ids) - 1]
+        assert torch.allclose(k.p_restored, a.p_restored[:, :, cols], atol=1e-6)
         assert count_hooks(lm.model) == 0
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text", "gpt_neox"])
+def test_trace_reuse_matches_plain_other_archs(arch):
+    """Layer replay + prefix KV cache (sliding-window caches included: window 8 < prompt length) = plain loop."""
+    lm = load_model(f"tiny:{arch}")
+    ids = _ids(lm)
+    sp = subject_positions(lm.tokenizer, PROMPT, ids, SUBJECT)
+    cfg = dict(n_noise=2, tokens="key", kinds=("mlp", "attn"))
+    a = Tracer(lm.site, TracingConfig(**cfg)).trace(ids, 50, sp, seed=5)
+    b = Tracer(lm.site, TracingConfig(reuse=False, **cfg)).trace(ids, 50, sp, seed=5)
+    assert not a.fallback
+    assert torch.allclose(a.p_restored, b.p_restored, atol=1e-6)
 
 
 def test_mlp_and_attn_patch_write_clean_values(llama):

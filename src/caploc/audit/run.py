@@ -174,40 +174,76 @@ def select_facts(lm, dataset, cfg: AuditConfig, batch: int = 64) -> tuple[list[F
 def row_set_probs(site, encoded_rows, row_sets, factor: float, positions: str, pad_id: int,
                   batch_size: int = 64) -> np.ndarray:
     """P(first target token) of each row (an encoded phrasing) with that row's neuron set (flat indices; None or
-    empty = untouched) multiplied by ``factor`` at the last prompt position (``"last"``) or at every position."""
+    empty = untouched) multiplied by ``factor`` at the last prompt position (``"last"``) or at every position.
+
+    With ``"last"`` the untouched prefix of each distinct prompt runs once (KV cache) and the rows run only the last
+    prompt token: the same numbers as full rows, since earlier positions never see the change."""
     from ..hooks import neuron_hooks
 
     model, d = site.model, site.d_mlp
     dev = site.input_device()
+
+    def gains_for(sets, B):
+        gains: dict[int, torch.Tensor] = {}
+        for r, st in enumerate(sets):
+            if st is None or len(st) == 0:
+                continue
+            for l, ix in flat_to_layers(np.asarray(st), d).items():
+                g = gains.setdefault(l, torch.ones(B, d))
+                g[r, torch.as_tensor(ix)] = factor
+        return gains
+
+    if positions == "last":
+        from transformers import DynamicCache
+
+        from .tracing import Tracer
+
+        out = np.zeros(len(encoded_rows))
+        by_prompt: dict[tuple, list[int]] = {}
+        for r, e in enumerate(encoded_rows):
+            by_prompt.setdefault(tuple(e.input_ids[: e.prompt_len]), []).append(r)
+        for prompt, rows in by_prompt.items():
+            P = len(prompt)
+            tgt = encoded_rows[rows[0]].input_ids[P]
+            cache = None
+            if P > 1:
+                cache = DynamicCache(config=model.config)
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([prompt[:-1]], device=dev), cache=cache, use_cache=True,
+                          logits_to_keep=1)
+            for b0 in range(0, len(rows), batch_size):
+                rr = rows[b0 : b0 + batch_size]
+                B = len(rr)
+                gains = gains_for([row_sets[r] for r in rr], B)
+
+                def make(g):
+                    def fn(_l, x):  # x [B, 1, d]: the last prompt token only
+                        return x * g.to(x.device, x.dtype)[:, None, :]
+                    return fn
+
+                kw = {"use_cache": False}
+                if cache is not None:
+                    kw = {"cache": Tracer.rows_cache(cache, torch.zeros(B, dtype=torch.long)), "use_cache": True,
+                          "position_ids": torch.tensor([[P - 1]], device=dev)}
+                with torch.no_grad(), neuron_hooks(site, {l: make(g) for l, g in gains.items()}):
+                    logits = model(input_ids=torch.full((B, 1), prompt[-1], device=dev), logits_to_keep=1, **kw).logits
+                out[rr] = logits[:, -1].float().softmax(-1)[:, tgt].cpu().numpy()
+        return out.astype(np.float64)
+
     out = []
     for b0 in range(0, len(encoded_rows), batch_size):
         enc = encoded_rows[b0 : b0 + batch_size]
-        sets = row_sets[b0 : b0 + batch_size]
         ids, att, last, tgt = _batch(enc, pad_id)
-        B = len(enc)
-        gains: dict[int, torch.Tensor] = {}
-        for r, s in enumerate(sets):
-            if s is None or len(s) == 0:
-                continue
-            for l, ix in flat_to_layers(np.asarray(s), d).items():
-                g = gains.setdefault(l, torch.ones(B, d))
-                g[r, torch.as_tensor(ix)] = factor
+        gains = gains_for(row_sets[b0 : b0 + batch_size], len(enc))
 
-        def make(g):
+        def make_all(g):
             def fn(_l, x):  # x [B, T, d]
-                gg = g.to(x.device, x.dtype)
-                if positions == "all":
-                    return x * gg[:, None, :]
-                x = x.clone()
-                b = torch.arange(x.shape[0], device=x.device)
-                p = last.to(x.device)
-                x[b, p] = x[b, p] * gg
-                return x
+                return x * g.to(x.device, x.dtype)[:, None, :]
             return fn
 
-        with torch.no_grad(), neuron_hooks(site, {l: make(g) for l, g in gains.items()}):
+        with torch.no_grad(), neuron_hooks(site, {l: make_all(g) for l, g in gains.items()}):
             logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).logits
-        lg = logits[torch.arange(B, device=logits.device), last.to(logits.device)].float()
+        lg = logits[torch.arange(len(enc), device=logits.device), last.to(logits.device)].float()
         out.append(lg.softmax(-1).gather(1, tgt.to(lg.device)[:, None])[:, 0].cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
@@ -252,13 +288,21 @@ def manipulation(site, encs, own_sets, refined, cfg: AuditConfig, seed_base: lis
             add(off_encs, [refined] * len(off_encs), "off_refined")
     out: dict = {}
     for factor, name in ((0.0, "suppress"), (cfg.kn.enhance, "enhance")):
-        p = row_set_probs(site, rows, sets, factor, cfg.kn.positions, pad_id)
+        if name == "enhance":  # untouched rows do not depend on the factor: computed once
+            keep = [i for i, s_ in enumerate(sets) if s_ is not None and len(s_)]
+            p_full = np.full(len(rows), np.nan)
+            p_full[keep] = row_set_probs(site, [rows[i] for i in keep], [sets[i] for i in keep], factor,
+                                         cfg.kn.positions, pad_id)
+            p = p_full
+        else:
+            p = row_set_probs(site, rows, sets, factor, cfg.kn.positions, pad_id)
         pos = 0
         for tag, n in tags:
             v = p[pos : pos + n].tolist()
             pos += n
             if tag in ("p_clean", "off_clean"):
-                out[tag] = v  # factor-independent
+                if name == "suppress":
+                    out[tag] = v  # factor-independent (not recomputed for enhance)
             elif tag == "refined":
                 out[f"refined_{name}"] = v
             elif tag == "off_refined":
@@ -729,6 +773,8 @@ def run_audit(lm, dataset, cfg: AuditConfig, out_dir: Path | str, *, overwrite: 
         shutil.rmtree(out_dir / "facts", ignore_errors=True)
     t_start = time.time()
     facts, probes, selection = select_facts(lm, dataset, cfg)
+    log.info("selected %d facts (%d of %d scanned facts known)", len(facts), selection["n_known_scanned"],
+             selection["n_scanned"])
     site = lm.site
     model_info = {k: lm.info.get(k) for k in ("model_id", "model_type", "fingerprint", "dtype")}
     model_info.update(n_layers=site.n_layers, d_mlp=site.d_mlp, params_per_neuron=site.params_per_neuron(),
@@ -772,6 +818,8 @@ def run_audit(lm, dataset, cfg: AuditConfig, out_dir: Path | str, *, overwrite: 
                 elif tp.exists():
                     tp.unlink()
                 atomic_write_json(jp, rec)
+                log.info("fact %d/%d (%s, %d phrasings) done: %s", i + 1, len(facts), f.id, len(f.phrasings),
+                         ", ".join(f"{k} {v:.1f}s" for k, v in rec["timing"].items()))
             records.append(rec)
             traces.append(_load_traces(out_dir, rec) if "tracing" in rec else None)
             bar.update(1)
@@ -1001,6 +1049,9 @@ def build_report(res: AuditResult) -> dict:
          "caption": "Per-layer counts of the KN neurons found on each phrasing of the same fact (small multiples)."},
         {"title": "Peak layers of causal tracing", "file": "fig_tracing_peaks.png",
          "caption": "Histogram over all facts and phrasings of the peak layer per state kind."},
+        {"title": "Peak-layer distance between paraphrases", "file": "fig_tracing_layer_diff.png",
+         "caption": "Distribution of |delta peak MLP layer| over paraphrase pairs of the same fact vs two independent "
+                    "uniform layers."},
         {"title": "Paraphrase IoU by method", "file": "fig_iou.png",
          "caption": "Common-metric IoU between paraphrases vs the same-template/other-fact, unrelated-fact and "
                     "random controls (95% CI)."},
@@ -1053,6 +1104,18 @@ def _figures(res: AuditResult, rep: dict, out_dir: Path) -> list[dict]:
         fig.savefig(out_dir / "fig_tracing_peaks.png", dpi=110)
         plt.close(fig)
         made.append("fig_tracing_peaks.png")
+        if "mlp" in tr and sum(tr["mlp"]["abs_layer_diff_hist"]):
+            h = np.asarray(tr["mlp"]["abs_layer_diff_hist"], float)
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.bar(range(L), h / h.sum(), color="C2", label="paraphrase pairs (same fact)")
+            ax.plot(range(L), tr["mlp"]["abs_layer_diff_uniform_pmf"], "k.-", lw=1, ms=3, label="two uniform layers")
+            ax.set_xlabel("|peak layer(i) - peak layer(j)|, MLP at the last subject token")
+            ax.set_ylabel("share of pairs")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out_dir / "fig_tracing_layer_diff.png", dpi=110)
+            plt.close(fig)
+            made.append("fig_tracing_layer_diff.png")
         ie = tr.get("mean_normalized_ie", {})
         if ie:
             ks = sorted({k.split("/")[0] for k in ie})

@@ -23,17 +23,22 @@ the self-attention child of each block, found generically as the child module wh
 ``finally``.
 
 Restored positions: ``tokens="subject"`` = every subject token plus the last prompt token (default);
-``tokens="all"`` = every position. Token classes: ``last`` (the last prompt token), ``last_subject`` (the last
+``tokens="key"`` = the last subject token and the last token only (cheaper; every number reported at those two
+positions is identical to the ``subject`` mode's, the noise being seeded per phrasing); ``tokens="all"`` = every
+position. Token classes: ``last`` (the last prompt token), ``last_subject`` (the last
 subject token, when it is not the last token), ``other`` (anything else, e.g. the first subject tokens).
 
-Speed (identical numbers): restorations at layer l leave blocks < l exactly as in the corrupted run, so those blocks
-return their recorded corrupted outputs instead of computing ("layer skipping"); rows that restore the same layer are
-batched. Each phrasing checks that unrestored rows under replay reproduce the corrupted run and otherwise recomputes
-without replay (warning logged).
+Speed (same numbers as the plain loop, checked in the tests): a restoration at (layer l, position t) leaves blocks
+< l and positions < t exactly as in the corrupted run, so (1) blocks < l return their recorded corrupted outputs
+instead of computing ("layer skipping") and (2) positions < t come from a KV cache of the corrupted prefix (one per
+restored position and noise sample), so a row runs only positions t..T-1 (one token for the last token). Rows that
+share (lowest restored layer, position) are batched. Each phrasing checks, for every restored position, that
+unrestored rows under replay + cache reproduce the corrupted run, and otherwise recomputes without reuse (warning).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -49,7 +54,7 @@ from ..models.layouts import Site
 log = logging.getLogger(__name__)
 
 KINDS = ("hidden", "mlp", "attn")
-TOKEN_MODES = ("subject", "all")
+TOKEN_MODES = ("subject", "key", "all")
 TOKEN_CLASSES = ("last_subject", "last", "other")
 
 
@@ -63,7 +68,7 @@ class TracingConfig:
     noise_mult: float = 3.0  # noise sd = noise_mult * sd of the embedding matrix entries (ROME: 3)
     n_noise: int = 5  # independent noise samples per phrasing (ROME: 10)
     kinds: tuple[str, ...] = KINDS  # which states are restored
-    tokens: str = "subject"  # subject (subject tokens + last token) | all
+    tokens: str = "subject"  # subject (subject tokens + last token) | key (last subject token + last token) | all
     window: int = 1  # layers restored together for mlp / attn (ROME's figures: 10)
     reuse: bool = True  # layer skipping (replay of corrupted blocks below the restored layer)
     max_rows: int = 256  # rows per forward pass
@@ -168,14 +173,16 @@ def _hooks(pairs) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _replay(site: Site, recorded: dict[int, object], below: int, row_noise: torch.Tensor) -> Iterator[None]:
-    """Blocks < ``below`` return their recorded corrupted outputs (rows picked by ``row_noise``) without computing."""
+def _replay(site: Site, recorded: dict[int, object], below: int, row_noise: torch.Tensor,
+            start: int = 0) -> Iterator[None]:
+    """Blocks < ``below`` return their recorded corrupted outputs (rows picked by ``row_noise``, positions from
+    ``start`` on) without computing."""
     patched = []
     try:
         for j in range(below):
             rec = recorded[j]
             first = _first(rec)
-            out = _replace_first(rec, first.index_select(0, row_noise.to(first.device)))
+            out = _replace_first(rec, first.index_select(0, row_noise.to(first.device))[:, start:])
             blk = site.blocks[j]
             blk.forward = (lambda *a, _o=out, **k: _o)  # instance attribute shadows the class method
             patched.append(blk)
@@ -341,7 +348,8 @@ class Tracer:
             patches: dict[tuple[str, int], list[tuple[int, int]]] | None = None,
             clean: dict[tuple[str, int], torch.Tensor] | None = None,
             replay: tuple[int, dict[int, object]] | None = None,
-            record: dict | None = None, n_rows: int | None = None) -> torch.Tensor:
+            record: dict | None = None, n_rows: int | None = None, start: int = 0,
+            cache=None) -> torch.Tensor:
         """P(target) at the last position for R rows of the same prompt.
 
         noise:     [n_noise, S, d] added to the subject embeddings; row r gets ``noise[row_noise[r]]``
@@ -352,6 +360,8 @@ class Tracer:
                    taking noise sample ``row_noise[r]``.
         record:    if a dict, filled with {(kind, layer): output first element [R, T, d]} for every kind in
                    ``self.cfg.kinds`` plus "hidden", and {"block", layer: raw block output}.
+        start, cache: run only positions ``start..T-1`` on top of ``cache`` (a KV cache of positions < start with
+                   R rows, e.g. from :meth:`prefix_cache`); positions in ``patches`` stay absolute.
         """
         site, model = self.site, self.model
         dev = site.input_device()
@@ -359,9 +369,14 @@ class Tracer:
         R = n_rows if n_rows is not None else (len(row_noise) if row_noise is not None else 1)
         if row_noise is None:
             row_noise = torch.full((R,), -1, dtype=torch.long)
-        sp = torch.as_tensor(subject_pos, dtype=torch.long)
+        if start and (record is not None or cache is None):
+            raise CaplocError("a suffix run (start > 0) needs a prefix cache and cannot record states")
+        sub_cols = [c for c, p in enumerate(subject_pos) if p >= start]
+        sp = torch.as_tensor([subject_pos[c] - start for c in sub_cols], dtype=torch.long)
+        if noise is not None:
+            noise = noise[:, sub_cols]
         hooks = []
-        if noise is not None and bool((row_noise >= 0).any()):
+        if noise is not None and len(sub_cols) and bool((row_noise >= 0).any()):
             rows = (row_noise >= 0).nonzero().flatten()
 
             def emb_hook(mod, args, out, _rows=rows):
@@ -376,13 +391,15 @@ class Tracer:
             for (kind, layer), rp in patches.items():
                 if not rp:
                     continue
+                if min(t for _, t in rp) < start:
+                    raise CaplocError(f"cannot restore a position before the suffix start {start}")
                 r_idx = torch.tensor([r for r, _ in rp], dtype=torch.long)
                 t_idx = torch.tensor([t for _, t in rp], dtype=torch.long)
                 src = clean[(kind, layer)]  # [T, d]
 
                 def patch_hook(mod, args, out, _r=r_idx, _t=t_idx, _src=src):
                     x = _first(out).clone()
-                    x[_r.to(x.device), _t.to(x.device)] = _src.to(x.device, x.dtype)[_t.to(x.device)]
+                    x[_r.to(x.device), (_t - start).to(x.device)] = _src.to(x.device, x.dtype)[_t.to(x.device)]
                     return _replace_first(out, x)
 
                 hooks.append((self.sites.module(kind, layer), patch_hook))
@@ -392,13 +409,47 @@ class Tracer:
                 for kind in set(self.cfg.kinds) | {"hidden"}:
                     mod = self.sites.module(kind, l)
                     hooks.append((mod, lambda m, a, o, _k=kind, _l=l: record.__setitem__((_k, _l), _first(o).detach())))
-        inp = ids_t[None].expand(R, -1)
-        ctx = _replay(site, replay[1], replay[0], row_noise) if replay is not None and replay[0] > 0 else contextlib.nullcontext()
+        inp = ids_t[start:][None].expand(R, -1)
+        ctx = (_replay(site, replay[1], replay[0], row_noise, start) if replay is not None and replay[0] > 0
+               else contextlib.nullcontext())
+        kw = {"cache": cache, "use_cache": True,
+              "position_ids": torch.arange(start, len(ids_t), device=dev)[None]} if cache is not None else {
+              "use_cache": False}
         with torch.no_grad(), _hooks(hooks), ctx:
-            out = model(input_ids=inp, use_cache=False, logits_to_keep=1)
+            out = model(input_ids=inp, logits_to_keep=1, **kw)
         self.stats["forwards"] += 1
         self.stats["rows"] += R
         return out.logits[:, -1].float().softmax(-1)[:, int(target_id)].cpu()
+
+    def prefix_cache(self, ids, subject_pos: list[int], noise: torch.Tensor, start: int):
+        """KV cache of the corrupted prompt's positions < ``start`` for the ``n_noise`` rows (row z = noise z)."""
+        from transformers import DynamicCache
+
+        dev = self.site.input_device()
+        ids_t = torch.as_tensor(ids, dtype=torch.long, device=dev)[:start]
+        cols = [c for c, p in enumerate(subject_pos) if p < start]
+        sp = torch.as_tensor([subject_pos[c] for c in cols], dtype=torch.long)
+        n = noise.shape[0]
+        hooks = []
+        if cols:
+            def emb_hook(mod, args, out):
+                out = out.clone()
+                out[:, sp.to(out.device)] += noise[:, cols].to(out.device, out.dtype)
+                return out
+            hooks.append((self.model.get_input_embeddings(), emb_hook))
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad(), _hooks(hooks):
+            self.model(input_ids=ids_t[None].expand(n, -1), cache=cache, use_cache=True, logits_to_keep=1)
+        self.stats["forwards"] += 1
+        return cache
+
+    @staticmethod
+    def rows_cache(cache, row_noise: torch.Tensor):
+        """A copy of ``cache`` whose rows are ``cache`` rows ``row_noise`` (the original is left untouched)."""
+        c = copy.copy(cache)
+        c.layers = [copy.copy(layer) for layer in cache.layers]
+        c.batch_select_indices(row_noise)
+        return c
 
     # ---- full trace of one phrasing ---------------------------------------------------------------------------------
     def restored_layers(self, kind: str, layer: int) -> list[int]:
@@ -412,7 +463,12 @@ class Tracer:
         T = len(prompt_ids)
         if not subject_pos or min(subject_pos) < 0 or max(subject_pos) >= T:
             raise DataError(f"subject positions {subject_pos} outside a prompt of {T} tokens")
-        positions = sorted(set(subject_pos) | {T - 1}) if cfg.tokens == "subject" else list(range(T))
+        if cfg.tokens == "subject":
+            positions = sorted(set(subject_pos) | {T - 1})
+        elif cfg.tokens == "key":
+            positions = sorted({subject_pos[-1], T - 1})
+        else:
+            positions = list(range(T))
         classes = token_classes(positions, subject_pos, T)
         layers = list(range(self.L)) if layers is None else sorted(set(layers))
         noise = self.make_noise(len(subject_pos), seed)
@@ -429,23 +485,34 @@ class Tracer:
         recorded = {l: rec_c[("block", l)] for l in range(self.L)}
         p_corrupt = float(p_rows.mean())
 
-        # restoration rows: (kind index, layer, position index, noise index), grouped by the lowest restored layer
+        # restoration rows: (kind index, layer, position index, noise index), grouped by (lowest restored layer,
+        # restored position): blocks below replay the corrupted run, positions before are a cached prefix
         kinds = list(cfg.kinds)
-        groups: dict[int, list[tuple[int, int, int, int]]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
         for ki, kind in enumerate(kinds):
             for l in layers:
                 low = self.restored_layers(kind, l)[0]
-                for ri in range(len(positions)):
+                for ri, pos in enumerate(positions):
+                    key = (low, pos) if cfg.reuse else (0, 0)
                     for z in range(n):
-                        groups.setdefault(low if cfg.reuse else 0, []).append((ki, l, ri, z))
+                        groups.setdefault(key, []).append((ki, l, ri, z))
         sums = torch.zeros(len(kinds), self.L, len(positions), dtype=torch.float64)
         counts = torch.zeros_like(sums)
-        check_group = max((b for b in groups if b > 0), default=None)
+        # one replay check per restored position: unrestored rows must reproduce the corrupted run
+        checks = {}
+        for below, pos in groups:
+            if below > 0 or pos > 0:
+                checks[pos] = max(checks.get(pos, (-1, pos)), (below, pos))
+        check_keys = set(checks.values())
+        prefix: dict[int, object] = {}
         fallback = False
-        for below in sorted(groups):
-            rows = groups[below]
-            extra = [(-1, -1, -1, z) for z in range(n)] if below == check_group else []
+        for key in sorted(groups):
+            below, pos = key
+            rows = groups[key]
+            extra = [(-1, -1, -1, z) for z in range(n)] if key in check_keys else []
             allrows = rows + extra
+            if pos > 0 and pos not in prefix:
+                prefix[pos] = self.prefix_cache(prompt_ids, subject_pos, noise, pos)
             for c0 in range(0, len(allrows), cfg.max_rows):
                 chunk = allrows[c0 : c0 + cfg.max_rows]
                 rn = torch.tensor([z for *_, z in chunk], dtype=torch.long)
@@ -455,8 +522,9 @@ class Tracer:
                         continue
                     for ll in self.restored_layers(kinds[ki], l):
                         patches.setdefault((kinds[ki], ll), []).append((r, positions[ri]))
+                cache = self.rows_cache(prefix[pos], rn) if pos > 0 else None
                 p = self.run(prompt_ids, target_id, subject_pos, noise=noise, row_noise=rn, patches=patches,
-                             clean=clean, replay=(below, recorded) if below > 0 else None)
+                             clean=clean, replay=(below, recorded) if below > 0 else None, start=pos, cache=cache)
                 for r, (ki, l, ri, z) in enumerate(chunk):
                     if ki < 0:
                         ref = float(p_rows[z])

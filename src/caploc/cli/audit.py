@@ -37,7 +37,7 @@ def audit(
     noise_samples: int = typer.Option(5, help="Tracing: noise samples per phrasing (ROME: 10)."),
     noise_mult: float = typer.Option(3.0, help="Tracing: noise sd = this x sd of the embedding entries."),
     trace_kinds: str = typer.Option("hidden,mlp,attn", help="Tracing: restored states."),
-    trace_tokens: str = typer.Option("subject", help="Tracing: restore at subject tokens + last token, or all tokens."),
+    trace_tokens: str = typer.Option("subject", help="Tracing: restore at subject (all subject tokens + last token) | key (last subject token + last token) | all."),
     window: int = typer.Option(1, help="Tracing: layers restored together for mlp/attn (ROME figures: 10)."),
     criterion: float = typer.Option(0.5, help="facts_localizable: paraphrase IoU CI lower bound needed."),
     save_scores: bool = typer.Option(True, help="Keep per-phrasing KN scores (float16) in the result."),
