@@ -270,6 +270,20 @@ def test_finetune_arms_report_and_untouched_base(tmp_path):
     back = FinetuneResult.load(tmp_path / "ft")
     assert back.arm("full").losses == by["full"].losses and back.claims == json.loads(json.dumps(res.claims))
     assert np.allclose(back.per_sample["neurons|toy:heldout"], res.per_sample["neurons|toy:heldout"])
+    # rerunning the same experiment resumes every finished arm (no training); another configuration is refused
+    import caploc.finetune as ftmod
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished arm was trained again")
+    orig, ftmod.train = ftmod.train, no_training
+    try:
+        again = finetune(lm, ns, train, cfg, tmp_path / "ft", eval_sets=evals, progress=False)
+    finally:
+        ftmod.train = orig
+    assert [a.losses for a in again.arms] == [a.losses for a in res.arms] and again.claims == res.claims
+    with pytest.raises(CaplocError, match="another configuration"):
+        finetune(lm, ns, train, FinetuneConfig(arms=("neurons",), steps=2, lr=0.02), tmp_path / "ft",
+                 eval_sets=evals, progress=False)
     # the saved adapter reproduces the neuron arm's evaluation
     from caploc import evaluate as ev
     ad = NeuronAdapter.load(tmp_path / "ft" / "adapter", lm)

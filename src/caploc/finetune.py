@@ -648,7 +648,9 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
                 sched.step()
                 losses.append(float(loss.detach()))
                 times.append(time.perf_counter() - t0)
-                log.debug("%s step %d loss %.4f (%.2f s)", desc, step, losses[-1], times[-1])
+                every = max(1, cfg.steps // 10)
+                log.log(logging.INFO if (step + 1) % every == 0 or step == 0 else logging.DEBUG,
+                        "%s step %d/%d loss %.4f (%.2f s)", desc, step + 1, cfg.steps, losses[-1], times[-1])
     finally:
         model.train(was_training)
     tl = TrainLog(losses, time.perf_counter() - t_all, times, int(sum(p.numel() for p in params)),
@@ -796,16 +798,51 @@ def _lora_targets(site) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------------------------------------
+class _Checkpoints:
+    """Finished arms as ``<name>.json`` (written last: the commit marker) + ``<name>.safetensors`` (per-sample NLL)."""
+
+    def __init__(self, root: Path | None, key: str, overwrite: bool):
+        self.root, self.key, self.overwrite = root, key, overwrite
+
+    def get(self, name: str):
+        if self.root is None:
+            return None
+        j = self.root / f"{name}.json"
+        if not j.exists():
+            return None
+        d = read_json(j)
+        if d.get("key") != self.key:
+            if self.overwrite:
+                return None
+            raise CaplocError(f"{self.root.parent} holds fine-tuning results of another configuration (model, data, "
+                              "neurons or settings); use a new --out directory or pass --overwrite")
+        from safetensors.torch import load_file
+
+        t = self.root / f"{name}.safetensors"
+        ps = {k: v.numpy() for k, v in load_file(str(t)).items()} if t.exists() else {}
+        return d["value"], ps
+
+    def put(self, name: str, value, per_sample: dict) -> None:
+        if self.root is None:
+            return
+        if per_sample:
+            atomic_save_tensors(self.root / f"{name}.safetensors",
+                                {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in per_sample.items()})
+        atomic_write_json(self.root / f"{name}.json", {"key": self.key, "value": value})
+
+
 def finetune(lm, neurons: NeuronSet | None, train_ds, cfg: FinetuneConfig | None = None,
              out_dir: Path | str | None = None, *, eval_sets: Mapping[str, Any] | None = None,
-             on_target: Sequence[str] | None = None, progress: bool | None = None) -> FinetuneResult:
+             on_target: Sequence[str] | None = None, progress: bool | None = None,
+             overwrite: bool = False) -> FinetuneResult:
     """Fine-tune the arms of ``cfg`` and evaluate each before/after on ``eval_sets``.
 
     ``eval_sets``: {name: Dataset}; ``on_target``: names of the in-domain sets (default: names containing the
     training set's base name, or all if none do); the others are off-target (specificity, issue 9.1). ``neurons``
     is required by the ``neurons`` and ``random`` arms. The model ``lm`` is left bit-identical (adapters use hooks,
     ``full``/``lora`` train a copy). Writes ``out_dir`` (adapter/, results.json, curves.safetensors, report.json and
-    figures) when given.
+    figures) when given; every finished arm is checkpointed in ``out_dir/arms/``, so rerunning the same command
+    resumes (a different configuration in the same directory is refused unless ``overwrite``).
     """
     from .data import encode_dataset
     from .hooks import frozen
@@ -836,29 +873,65 @@ def finetune(lm, neurons: NeuronSet | None, train_ds, cfg: FinetuneConfig | None
     n_total = sum(p.numel() for p in model.parameters())
     t_start = time.time()
 
-    log.info("evaluating the untuned model on %d sets", len(eval_sets))
-    untuned = _evaluate_sets(lm, eval_sets, cfg, progress)
+    # per-arm checkpoints: an interrupted run resumes with its finished arms (same configuration only)
+    from .results import config_key
+
+    run_key = config_key({
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("save_adapters", "eval_batch_size")},
+        "model": _fingerprint(model, info), "train": train_ds.fingerprint(),
+        "eval": {n: ds.fingerprint() for n, ds in eval_sets.items()}, "on_target": sorted(on_target),
+        "neurons": None if neurons is None else neurons.flat.tolist(),
+    })
+    ckpt = _Checkpoints(out_path / "arms" if out_path is not None else None, run_key, overwrite)
     per_sample: dict[str, np.ndarray] = {}
-    for dname, row in untuned.items():
-        if "_per_sample" in row:
-            per_sample[f"untuned|{dname}"] = row.pop("_per_sample")
+
+    def split_per_sample(name: str, ev: dict) -> dict:
+        out = {}
+        for dname, row in ev.items():
+            row = dict(row)
+            if "_per_sample" in row:
+                per_sample[f"{name}|{dname}"] = row.pop("_per_sample")
+            out[dname] = row
+        return out
+
+    got = ckpt.get("untuned")
+    if got is not None:
+        untuned, ps = got
+        per_sample.update(ps)
+        log.info("reusing the untuned evaluation from %s", ckpt.root)
+    else:
+        log.info("evaluating the untuned model on %d sets", len(eval_sets))
+        untuned = split_per_sample("untuned", _evaluate_sets(lm, eval_sets, cfg, progress))
+        ckpt.put("untuned", untuned, {k: v for k, v in per_sample.items() if k.startswith("untuned|")})
 
     arms: list[ArmResult] = []
+    skipped: dict[str, str] = {}
+
+    def resume(name: str) -> bool:
+        got = ckpt.get(name)
+        if got is None:
+            return False
+        d, ps = got
+        arms.append(ArmResult(**d))
+        per_sample.update(ps)
+        log.info("reusing finished arm %s from %s", name, ckpt.root)
+        return True
 
     def record(name, kind, seed, tl: TrainLog, ev: dict, adapter_dir=None, n_neurons=None):
         evr = {}
-        for dname, row in ev.items():
-            if "_per_sample" in row:
-                per_sample[f"{name}|{dname}"] = row.pop("_per_sample")
-            r = dict(row)
+        for dname, r in split_per_sample(name, ev).items():
             r["delta"] = r["nll"] - untuned[dname]["nll"]
             if "accuracy" in r and "accuracy" in untuned[dname]:
                 r["delta_accuracy"] = r["accuracy"] - untuned[dname]["accuracy"]
             evr[dname] = r
-        arms.append(ArmResult(name, kind, seed, tl.lr, tl.n_trainable, tl.n_optimizer_state, tl.losses, tl.seconds,
-                              float(np.median(tl.step_seconds)), evr, adapter_dir, n_neurons))
+        arm = ArmResult(name, kind, seed, tl.lr, tl.n_trainable, tl.n_optimizer_state, tl.losses, tl.seconds,
+                        float(np.median(tl.step_seconds)), evr, adapter_dir, n_neurons)
+        arms.append(arm)
+        ckpt.put(name, asdict(arm), {k: v for k, v in per_sample.items() if k.startswith(f"{name}|")})
 
     def adapter_arm(name, kind, seed, nset):
+        if resume(name):
+            return
         ad = NeuronAdapter(lm, nset)
         with frozen(model):
             tl = train(model, list(ad.deltas.values()), encoded, cfg, lr=cfg.arm_lr(kind), weight_decay=0.0,
@@ -871,7 +944,19 @@ def finetune(lm, neurons: NeuronSet | None, train_ds, cfg: FinetuneConfig | None
             ad.save(adir, extra={"arm": name, "train_dataset": train_ds.name,
                                  "train_fingerprint": train_ds.fingerprint(), "finetune_config": cfg.to_dict()})
         record(name, kind, seed, tl, ev, adir, ad.n_neurons)
-        return ad
+
+    def copy_arm(name: str, run) -> None:
+        """full / lora: train a copy of the model; out of memory skips the arm (recorded) instead of failing."""
+        if resume(name):
+            return
+        try:
+            run()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, torch.OutOfMemoryError) and "memory" not in text.lower():
+                raise
+            skipped[name] = f"out of memory: {text[:200]}"
+            log.warning("arm %s skipped: %s", name, skipped[name])
 
     if "neurons" in cfg.arms:
         adapter_arm("neurons", "neurons", None, neurons)
@@ -885,34 +970,46 @@ def finetune(lm, neurons: NeuronSet | None, train_ds, cfg: FinetuneConfig | None
                                             exclude=neurons.flat if cfg.random_exclude else None)
             rset = NeuronSet.from_flat(flat, site.n_layers, site.d_mlp)
             adapter_arm(f"random-s{seed}", "random", seed, rset)
-    if "full" in cfg.arms:
+
+    def run_full():
         replica = copy.deepcopy(model)
-        for p in replica.parameters():
-            p.requires_grad_(True)
-        tl = train(replica, list(replica.parameters()), encoded, cfg, lr=cfg.arm_lr("full"),
-                   weight_decay=cfg.weight_decay, pad_id=pad_id, desc="full", progress=progress)
-        with torch.no_grad():
-            ev = _evaluate_sets(_replica(lm, replica), eval_sets, cfg, progress)
+        try:
+            for p in replica.parameters():
+                p.requires_grad_(True)
+            tl = train(replica, list(replica.parameters()), encoded, cfg, lr=cfg.arm_lr("full"),
+                       weight_decay=cfg.weight_decay, pad_id=pad_id, desc="full", progress=progress)
+            with torch.no_grad():
+                ev = _evaluate_sets(_replica(lm, replica), eval_sets, cfg, progress)
+        finally:
+            del replica
         record("full", "full", None, tl, ev)
-        del replica
-    if "lora" in cfg.arms:
+
+    def run_lora():
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
             raise CaplocError("the lora arm needs peft: pip install 'caploc[peft]' (or drop lora from --arms)") from None
         torch.manual_seed(cfg.seed)
         replica = copy.deepcopy(model)
-        targets = _lora_targets(_replica(lm, replica).site)
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                          target_modules=targets, fan_in_fan_out=bool(site.layout.conv1d))
-        peft_model = get_peft_model(replica, lcfg)
-        tl = train(peft_model, [p for p in peft_model.parameters() if p.requires_grad], encoded, cfg,
-                   lr=cfg.arm_lr("lora"), weight_decay=cfg.weight_decay, pad_id=pad_id, desc="lora", progress=progress)
-        merged = peft_model.merge_and_unload()
-        with torch.no_grad():
-            ev = _evaluate_sets(_replica(lm, merged), eval_sets, cfg, progress)
+        try:
+            targets = _lora_targets(_replica(lm, replica).site)
+            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                              target_modules=targets, fan_in_fan_out=bool(site.layout.conv1d))
+            peft_model = get_peft_model(replica, lcfg)
+            tl = train(peft_model, [p for p in peft_model.parameters() if p.requires_grad], encoded, cfg,
+                       lr=cfg.arm_lr("lora"), weight_decay=cfg.weight_decay, pad_id=pad_id, desc="lora",
+                       progress=progress)
+            merged = peft_model.merge_and_unload()
+            with torch.no_grad():
+                ev = _evaluate_sets(_replica(lm, merged), eval_sets, cfg, progress)
+        finally:
+            del replica
         record("lora", "lora", None, tl, ev)
-        del replica, peft_model, merged
+
+    if "full" in cfg.arms:
+        copy_arm("full", run_full)
+    if "lora" in cfg.arms:
+        copy_arm("lora", run_lora)
 
     comparisons, specificity, claims = _compare(arms, untuned, roles, per_sample)
     meta = {
@@ -926,7 +1023,7 @@ def finetune(lm, neurons: NeuronSet | None, train_ds, cfg: FinetuneConfig | None
                   "source": train_ds.source},
         "random_seeds": random_seeds, "seconds": round(time.time() - t_start, 1), "caploc_version": __version__,
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "skipped_arms": skipped,
     }
     datasets = {n: {"role": roles[n], "n": len(ds), "fingerprint": ds.fingerprint()} for n, ds in eval_sets.items()}
     res = FinetuneResult(cfg.to_dict(), arms, untuned, datasets, comparisons, specificity, claims, meta, per_sample,

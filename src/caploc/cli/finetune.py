@@ -37,7 +37,8 @@ def finetune(
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | auto | an accelerator"),
     device_map: Optional[str] = typer.Option(None), layout: Optional[str] = typer.Option(None),
     merge: Optional[Path] = typer.Option(None, help="Adapter directory to merge into its base model (writes --out as a plain transformers model)."),
-    out: Path = typer.Option(Path("runs/finetune"), help="Output directory."),
+    out: Path = typer.Option(Path("runs/finetune"), help="Output directory (finished arms are checkpointed; the same command resumes)."),
+    overwrite: bool = typer.Option(False, help="Recompute arms whose checkpoints in --out were made with another configuration."),
 ):
     """Fine-tune only the located neurons' parameters and compare with random neurons, full fine-tuning and LoRA."""
     from ..errors import CaplocError
@@ -78,7 +79,7 @@ def finetune(
         eval_sets[spec] = load_dataset(spec, n=n_eval, seed=data_seed + 100)
     lm = load_model_from_opts(model or "smollm2-135m", dtype, device, device_map, layout)
     res = run_finetune(lm, ns, parts["train"], cfg, out, eval_sets=eval_sets,
-                       on_target=[k for k in eval_sets if k.startswith(f"{data}:")])
+                       on_target=[k for k in eval_sets if k.startswith(f"{data}:")], overwrite=overwrite)
 
     from rich.table import Table
 
