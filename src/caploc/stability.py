@@ -729,15 +729,15 @@ class SweepResult:
         cols = ["axis", "samples", "rule", "value", "min_freq", "S (full)", "neurons", "share of params",
                 "per-sample selected"]
         for k in kinds:
-            cols += [f"{k} overlap", f"{k} overlap CI", f"{k} IoU", f"{k} IoU CI", f"{k} chance IoU",
-                     f"{k} empty pairs"]
+            cols += [f"{k} split set size", f"{k} overlap", f"{k} overlap CI", f"{k} IoU", f"{k} IoU CI",
+                     f"{k} chance IoU", f"{k} empty pairs"]
         rows = []
         for q in self.points:
             row = [q["axis"], q["n_samples"], q["rule"], q["rule_value"], q["min_freq"], q["min_count"], q["n_neurons"],
                    _r(q["share_of_params"], 7), round(q["per_sample_selected_mean"], 1)]
             for k in kinds:
                 a = q["agreement"].get(k) or {}
-                row += [_r(a.get("overlap")), _ci(a.get("overlap_lo"), a.get("overlap_hi")), _r(a.get("iou")),
+                row += [_r(a.get("size_mean"), 1), _r(a.get("overlap")), _ci(a.get("overlap_lo"), a.get("overlap_hi")), _r(a.get("iou")),
                         _ci(a.get("iou_lo"), a.get("iou_hi")), _r(a.get("chance_iou"), 6), a.get("n_empty_pairs")]
             rows.append(row)
         g = self.grid

@@ -158,12 +158,13 @@ def sweep(
 
     from ..stability import _fmt, _fmt_ci
 
-    t = Table("axis", "value", "S", "neurons", "IoU [CI]", "chance IoU", box=None)
+    t = Table("axis", "value", "S", "neurons", "split sets", "IoU [CI]", "chance IoU", box=None)
     for p in res.points:
         a = p["agreement"].get(scfg.kinds[0]) or {}
         val = p["min_freq"] if p["axis"] == "min_freq" else p["n_samples"] if p["axis"] == "n_samples" \
             else p["rule_value"]
         t.add_row(p["axis"], f"{val:g}", str(p["min_count"]), str(p["n_neurons"]),
+                  _fmt(a.get("size_mean"), 1),
                   _fmt_ci(a.get("iou"), a.get("iou_lo"), a.get("iou_hi")), _fmt(a.get("chance_iou"), 5))
     console.print(t)
     console.print(f"wrote {out}/report.json, sweep.json, fig_sweep_*.png")
