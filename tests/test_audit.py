@@ -442,6 +442,16 @@ def test_run_audit_tiny_roundtrip_and_resume(tmp_path, llama, monkeypatch):
     res2 = run_audit(llama, ds, cfg, out, progress=False)
     assert res2.summary["reused_facts"] == 3
     assert count_hooks(llama.model) == 0
+    # an unfinished run: only the finished prefix of facts is loaded (with allow_partial)
+    meta = json.loads((out / "audit.json").read_text())
+    meta["complete"] = False
+    (out / "audit.json").write_text(json.dumps(meta))
+    (out / "facts" / "fact_00002.json").unlink()
+    with pytest.raises(CaplocError):
+        AuditResult.load(out)
+    part = AuditResult.load(out, allow_partial=True)
+    assert not part.complete and len(part.records) == 2 and len(part.facts) == 2
+    assert part.summary["n_facts"] == 2
 
 
 def test_circuits_absent_and_config_errors(tmp_path, monkeypatch):

@@ -345,7 +345,7 @@ def audit_fact(lm, fact: Fact, index: int, cfg: AuditConfig, off_fact: Fact | No
             sc = att.score(e.input_ids, e.prompt_len)
             sets.append(kn_select(sc.scores, cfg.kn.t))
             fs.append(sc.f)
-            gaps.append(float(sc.gap.nansum()) if sc.gap is not None else None)
+            gaps.append(float(sc.gap.abs().nanmean()) if sc.gap is not None else None)  # mean |gap| per layer
             if cfg.save_scores:
                 tensors[f"kn.scores.{j}"] = sc.scores.half()
         refined = refine(sets, cfg.kn.p, cfg.kn.share_rule)
@@ -463,6 +463,7 @@ class AuditResult:
     circuits: dict
     summary: dict = field(default_factory=dict)
     out_dir: Path | None = None
+    complete: bool = True  # False: loaded from an unfinished run (only its finished facts)
 
     # ---- save / load ------------------------------------------------------------------------------------------------
     def save(self, out_dir: Path | str) -> Path:
@@ -481,35 +482,59 @@ class AuditResult:
         if "param_sets" in self.circuits:
             atomic_write_json(out_dir / "circuits_sets.json", {"param_sets": self.circuits["param_sets"],
                                                               "universe": self.circuits.get("universe")})
-        atomic_write_json(out_dir / "audit.json", {
-            "kind": "audit", "format": FORMAT, "caploc_version": __version__, "config": self.config,
-            "model": self.model, "selection": self.selection, "facts": [f.to_json() for f in self.facts],
-            "probes": self.probes, "circuits": _json_clean(circ), "summary": _json_clean(self.summary),
-        })
+        self._write_meta(out_dir, self.records[0].get("config_key") if self.records else None)
         self.out_dir = out_dir
         return out_dir
 
     @classmethod
-    def load(cls, out_dir: Path | str) -> "AuditResult":
+    def load(cls, out_dir: Path | str, allow_partial: bool = False) -> "AuditResult":
+        """Load a finished audit; ``allow_partial=True`` also loads a running/interrupted one (its finished facts, in
+        order, with ``complete=False``; the summary is then recomputed by :func:`summarize`)."""
         out_dir = Path(out_dir)
         meta = read_json(out_dir / "audit.json")
         if meta.get("kind") != "audit":
             raise CaplocError(f"{out_dir}/audit.json is not a caploc audit result (kind={meta.get('kind')!r})")
+        complete = bool(meta.get("complete", True))
+        if not complete and not allow_partial:
+            raise CaplocError(f"{out_dir} holds an unfinished audit; rerun the same command to finish it, or load it "
+                              "with allow_partial=True (CLI: --report-only)")
         facts = [Fact.from_json(f) for f in meta["facts"]]
+        key = meta.get("fact_key")
         records, traces = [], []
         for i in range(len(facts)):
             p = out_dir / "facts" / f"fact_{i:05d}.json"
-            if not p.exists():
-                raise CaplocError(f"{p} is missing: the audit directory is incomplete; rerun the same audit command")
-            rec = read_json(p)
+            rec = read_json(p) if p.exists() else None
+            if rec is not None and key is not None and rec.get("config_key") != key:
+                rec = None  # a stale record of another configuration
+            if rec is None:
+                if not allow_partial:
+                    raise CaplocError(f"{p} is missing: the audit directory is incomplete; rerun the same audit command")
+                complete = False
+                break
             records.append(rec)
             traces.append(_load_traces(out_dir, rec))
+        if not records:
+            raise CaplocError(f"{out_dir} has no finished fact yet")
+        n = len(records)
         circ = dict(meta.get("circuits", {}))
         cs = out_dir / "circuits_sets.json"
         if cs.exists():
             circ.update(read_json(cs))
-        return cls(meta["config"], meta["model"], meta["selection"], facts, meta["probes"], records,
-                   traces if any(t is not None for t in traces) else None, circ, meta.get("summary", {}), out_dir)
+        res = cls(meta["config"], meta["model"], meta["selection"], facts[:n], meta["probes"][:n], records,
+                  traces if any(t is not None for t in traces) else None, circ, meta.get("summary", {}), out_dir,
+                  complete)
+        if not complete:
+            res.summary = summarize(res)
+        return res
+
+    def _write_meta(self, out_dir: Path, fact_key: str) -> None:
+        circ = {k: v for k, v in self.circuits.items() if k not in ("param_sets", "universe")}
+        atomic_write_json(Path(out_dir) / "audit.json", {
+            "kind": "audit", "format": FORMAT, "caploc_version": __version__, "config": self.config,
+            "model": self.model, "selection": self.selection, "facts": [f.to_json() for f in self.facts],
+            "probes": self.probes, "circuits": _json_clean(circ), "summary": _json_clean(self.summary),
+            "complete": self.complete, "fact_key": fact_key,
+        })
 
     # ---- reporting --------------------------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -791,6 +816,8 @@ def run_audit(lm, dataset, cfg: AuditConfig, out_dir: Path | str, *, overwrite: 
         tools["tracer"] = Tracer(site, cfg.tracing)
     partners = control_partners(facts, cfg.seed)
     fdir = out_dir / "facts"
+    AuditResult(config=cfg.to_dict(), model=model_info, selection=selection, facts=facts, probes=probes, records=[],
+                traces=None, circuits={}, complete=False)._write_meta(out_dir, key)
     records, traces = [], []
     reused = 0
     with tqdm(total=len(facts), desc="audit", unit="fact", disable=progress is False if progress is not None else None,

@@ -46,6 +46,7 @@ def audit(
     layout: Optional[str] = typer.Option(None, help="Custom MLP layout for unknown architectures."),
     out: Path = typer.Option(Path("runs/audit"), help="Output directory."),
     overwrite: bool = typer.Option(False, help="Recompute every fact instead of resuming."),
+    report_only: bool = typer.Option(False, help="Only (re)write report.json + figures from the facts finished in --out (also while a run is going)."),
 ):
     """Audit individual-fact localization: fidelity across paraphrases and reliability of each method's manipulation."""
     from ..audit.kn import KNConfig
@@ -53,6 +54,15 @@ def audit(
     from ..audit.tracing import TracingConfig
     from ..data import load_dataset
 
+    if report_only:
+        from ..audit.run import AuditResult
+
+        res = AuditResult.load(out, allow_partial=True)
+        res.write_report(out)
+        print_audit(res)
+        console.print(f"{'finished' if res.complete else 'UNFINISHED'} audit: {len(res.records)} facts; "
+                      f"wrote {out}/report.json and figures")
+        return
     kcfg = KNConfig(steps=steps, alphas=alphas, t=kn_t, p=kn_p, share_rule=share_rule, layers=parse_layers(layers),
                     enhance=enhance, positions=intervene_positions)
     tcfg = TracingConfig(noise_mult=noise_mult, n_noise=noise_samples,
