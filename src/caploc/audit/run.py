@@ -82,6 +82,7 @@ class AuditConfig:
     fidelity_criterion: float = 0.5  # a method "localizes facts" if its paraphrase IoU CI lower bound >= this ...
     save_scores: bool = True  # KN scores per phrasing (float16) in facts/*.safetensors
     chat: bool = False
+    circuits: dict = field(default_factory=dict)  # overrides for caploc.audit.circuits' config (e.g. top_k)
 
     def __post_init__(self):
         self.methods = tuple(m.strip() for m in self.methods if m.strip())
@@ -412,10 +413,14 @@ def run_circuits(lm, facts: list[Fact], cfg: AuditConfig, out_dir: Path) -> dict
     for name in ("CircuitConfig", "CircuitsConfig", "CircuitAuditConfig"):
         cls = getattr(mod, name, None)
         if cls is not None:
-            try:
-                ccfg = cls(seed=cfg.seed) if "seed" in inspect.signature(cls).parameters else cls()
-            except (TypeError, ValueError):
-                ccfg = cls()
+            want = {"seed": cfg.seed, "chat": cfg.chat, "max_phrasings": cfg.max_phrasings,
+                    "min_phrasings": cfg.min_phrasings, **cfg.circuits}
+            params = inspect.signature(cls).parameters
+            unknown = [k for k in cfg.circuits if k not in params]
+            if unknown:
+                raise CaplocError(f"unknown circuits option(s) {', '.join(unknown)}; {name} takes "
+                                  f"{', '.join(params)}")
+            ccfg = cls(**{k: v for k, v in want.items() if k in params and v is not None})
             break
     t0 = time.time()
     res = fn(lm, facts, ccfg)
@@ -745,10 +750,13 @@ def tracing_summary(traces: list[list[PhrasingTrace]], partners, n_layers: int, 
     return out
 
 
-def circuits_summary(circ: dict, partners, seed: int) -> dict | None:
+def circuits_summary(circ: dict, partners, seed: int, facts: list[Fact] | None = None) -> dict | None:
     ps = circ.get("param_sets")
     if not ps:
         return None
+    if facts is not None:  # one entry per phrasing of each fact (None where the circuits module skipped it)
+        ps = [(list(ps[i]) if i < len(ps) and ps[i] is not None else []) for i in range(len(facts))]
+        ps = [row[: len(f.phrasings)] + [None] * (len(f.phrasings) - len(row)) for row, f in zip(ps, facts)]
     uni = circ.get("universe")
     rand = (lambda a, b: random_weighted_iou(a, b, uni, 200, seed)) if uni else None
     return fidelity_summary(ps, weighted_iou, partners, rand, seed)
@@ -777,7 +785,7 @@ def summarize(result: AuditResult) -> dict:
                 s[m]["completeness_gap_mean_abs"] = float(np.mean(np.abs(gaps))) if gaps else None
     if result.traces is not None:
         s["tracing"] = tracing_summary(result.traces, partners, L, seed)
-    c = circuits_summary(result.circuits, partners, seed)
+    c = circuits_summary(result.circuits, partners, seed, result.facts)
     if c is not None:
         s["circuits"] = {"fidelity": c}
     s["timing_s"] = {k: float(sum(r["timing"].get(k, 0.0) for r in recs))
@@ -1000,6 +1008,14 @@ def build_report(res: AuditResult) -> dict:
                      _ci(rt["share_of_best"]), _ci(rt["random_layer_share"]), "", rt["share_of_best"]["n"],
                      f"normalized recovery {_ci(rt['normalized_recovery'])}; layer percentile "
                      f"{_ci(rt['layer_percentile'])}"])
+    their = (res.circuits.get("their_summary") or {}).get("reliability") if isinstance(res.circuits, dict) else None
+    if isinstance(their, dict) and "circuit" in their:
+        c_, r_ = their["circuit"], their.get("random", {})
+        rows.append(["knowledge circuits", "circuit-only run (all other heads/MLPs mean-ablated): P_circuit / P_full",
+                     f"{_fmt(c_.get('mean_ratio'))} [{_fmt(c_['ci'][0])}, {_fmt(c_['ci'][1])}]",
+                     f"{_fmt(r_.get('mean_ratio'))} [{_fmt(r_.get('ci', [None, None])[0])}, "
+                     f"{_fmt(r_.get('ci', [None, None])[1])}]" if r_ else "n/a", "", their.get("n_phrasings"),
+                     "from caploc.audit.circuits (per phrasing, random = node sets of the same size)"])
     tables.append({"title": "Reliability: does the method's own manipulation change the fact as promised?",
                    "columns": ["method", "manipulation", "effect [95% CI]", "random control [95% CI]",
                                "random, per seed", "facts", "note"], "rows": rows,

@@ -39,6 +39,7 @@ def audit(
     trace_kinds: str = typer.Option("hidden,mlp,attn", help="Tracing: restored states."),
     trace_tokens: str = typer.Option("subject", help="Tracing: restore at subject (all subject tokens + last token) | key (last subject token + last token) | all."),
     window: int = typer.Option(1, help="Tracing: layers restored together for mlp/attn (ROME figures: 10)."),
+    circuit_top_k: Optional[int] = typer.Option(None, help="Circuits: edges per circuit (caploc.audit.circuits' top_k)."),
     criterion: float = typer.Option(0.5, help="facts_localizable: paraphrase IoU CI lower bound needed."),
     save_scores: bool = typer.Option(True, help="Keep per-phrasing KN scores (float16) in the result."),
     chat: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
@@ -71,7 +72,8 @@ def audit(
     cfg = AuditConfig(methods=tuple(methods.split(",")), n_facts=n_facts, seed=seed, max_phrasings=max_phrasings,
                       known=known, known_threshold=known_threshold, known_topk=known_topk, known_on=known_on, kn=kcfg,
                       tracing=tcfg, cnl_method=cnl_method, cnl_sigma=cnl_sigma, n_random=n_random,
-                      fidelity_criterion=criterion, save_scores=save_scores, chat=chat)
+                      fidelity_criterion=criterion, save_scores=save_scores, chat=chat,
+                      circuits={"top_k": circuit_top_k} if circuit_top_k else {})
     ds = load_dataset(facts, seed=seed, prompt_field=prompt_field, target_field=target_field)
     lm = load_model_from_opts(model, dtype, device, None, layout)
     res = run_audit(lm, ds, cfg, out, overwrite=overwrite)
