@@ -124,14 +124,16 @@ _DEATH_SCRIPT = textwrap.dedent("""
 
 
 def test_dead_rank_is_detected_not_waited_for(tmp_path):
+    """Two real processes over env:// (no torchrun agent to kill the survivor): rank 1 dies without a word; rank 0,
+    which waits at a barrier (and hosts the store), stops with a one-line error after ~CAPLOC_DIST_DEAD_AFTER."""
     script = tmp_path / "death.py"
     script.write_text(_DEATH_SCRIPT)
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=_env(RANK=str(r), WORLD_SIZE="3", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                              text=True, env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                                   MASTER_PORT=port, CAPLOC_DIST_DEAD_AFTER="2",
                                                   CAPLOC_DIST_TIMEOUT="120"))
-             for r in range(3)]
+             for r in range(2)]
     outs = []
     try:
         for p in procs:
@@ -141,14 +143,10 @@ def test_dead_rank_is_detected_not_waited_for(tmp_path):
             if p.poll() is None:
                 p.kill()
     assert procs[1].returncode == 3
-    # each survivor stops with a one-line error: it saw rank 1's heartbeat stop, or a survivor that saw it first
-    # recorded its failure, or (rank 2) the store's host, rank 0, already exited
-    for r in (0, 2):
-        assert procs[r].returncode == 2, outs[r][-2000:]
-        assert f"RANK{r} CaplocError" in outs[r], outs[r][-2000:]
-        line = next(ln for ln in outs[r].splitlines() if ln.startswith(f"RANK{r} CaplocError"))
-        assert any(m in line for m in ("rank 1 stopped responding", "failed", "lost the rendezvous store")), line
-    assert any("rank 1 stopped responding" in o for o in outs)
+    assert procs[0].returncode == 2, outs[0][-2000:]
+    line = next((ln for ln in outs[0].splitlines() if ln.startswith("RANK0 CaplocError")), outs[0][-2000:])
+    assert "rank 1 stopped responding (no heartbeat for 2 s)" in line, line
+    assert float(line.split("after ")[1].split("s:")[0]) < 60  # not the 1800 s rendezvous timeout
 
 
 def _ranks(store, world, fn):
@@ -267,14 +265,15 @@ def _split_map(offload: bool) -> dict:
             "model.layers.2": "cpu" if offload else C, "model.norm": C, "lm_head": C}
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["cpu-map", "offloaded-blocks"])
-def test_device_map_split_gives_identical_scores(offload):
+def test_device_map_split_gives_identical_scores():
     from caploc.models.loading import load_model
 
+    plain = load_model("tiny:llama", device_map=_split_map(False))
+    assert not any(hasattr(m, "_hf_hook") for m in plain.model.modules())  # one device: accelerate adds no hooks
     ref = load_model("tiny:llama")
-    split = load_model("tiny:llama", device_map=_split_map(offload))
-    if offload:
-        assert split.site.out_projs[1].weight.device.type == "meta"  # really dispatched through hooks
+    split = load_model("tiny:llama", device_map=_split_map(True))
+    assert split.site.out_projs[1].weight.device.type == "meta"  # really dispatched: weights loaded by hooks per call
+    assert all(hasattr(b, "_hf_hook") for b in split.site.blocks)
     ids = list(range(3, 19))
     # one micro-batch for all rows; and a prefix KV cache with micro-batches of 4 rows that replay the blocks below
     for positions, max_rows in (("all", 256), ("target", 4)):
@@ -293,7 +292,7 @@ def test_device_map_hooks_survive_attribution():
     split = load_model("tiny:llama", device_map=_split_map(True))
     before = {i: "forward" in b.__dict__ for i, b in enumerate(split.site.blocks)}
     assert all(before.values())
-    Attributor(split.site, AttributionConfig(steps=2, max_rows=2)).score(list(range(3, 15)), 6)
+    Attributor(split.site, AttributionConfig(steps=1, max_rows=2, completeness=False)).score(list(range(3, 9)), 4)
     assert {i: "forward" in b.__dict__ for i, b in enumerate(split.site.blocks)} == before
 
 
@@ -318,7 +317,6 @@ def test_oom_inside_forward_backs_off_to_the_same_scores(llama):
     site = Site(model)
     ids = list(range(3, 17))
     cfg = AttributionConfig(steps=3)
-    ref = Attributor(site, cfg).score(ids, 6)
     # 12 rows (3 layers x (3 steps + alpha 0)) -> OOM at 12 and 6 rows -> micro-batches of 3, like max_rows=3
     ref3 = Attributor(site, AttributionConfig(steps=3, max_rows=3)).score(ids, 6)
     oom = _OOMAbove(model.get_output_embeddings(), limit=3)
@@ -330,7 +328,6 @@ def test_oom_inside_forward_backs_off_to_the_same_scores(llama):
         oom.handle.remove()
     assert oom.raised == 2 and att.stats["oom_backoffs"] == 2
     assert torch.equal(res.scores, ref3.scores) and torch.equal(res_again.scores, ref3.scores)  # same micro-batches
-    assert torch.allclose(res.scores, ref.scores, rtol=1e-5, atol=1e-7)
     assert count_hooks(model) == 0 and all("forward" not in b.__dict__ for b in site.blocks)
 
 
@@ -371,7 +368,10 @@ def test_memory_formula_by_hand():
     assert t["total"] == sum(v for k, v in t.items() if k != "total")
     # bf16: weights and most activations halve; the RMSNorm fp32 copies do not
     assert activation_bytes_per_token_layer(SMALL, "bfloat16", "sdpa") == 2 * 4 * 4 + 2 * 4 * 2 + 3 * 8 * 2
-    assert ig_peak_bytes(SMALL, 3, 5, 2, "bfloat16")["weights"] == 200
+    tb = ig_peak_bytes(SMALL, 3, 5, 2, "bfloat16", scored_layers=1)
+    assert tb["weights"] == 200
+    # bf16 sample state: prefix KV, blocks and captured activations in bf16, fp32 copies of the one scored layer
+    assert tb["sample_state"] == 2 * 2 * 2 * 2 * 2 + 2 * 5 * 4 * 2 + 2 * 5 * 8 * 2 + 1 * 5 * 8 * 4
 
 
 def test_memory_formula_is_monotone():
@@ -392,7 +392,7 @@ def test_memory_formula_matches_what_autograd_saves(llama):
     site = Site(model)
     shape = ModelShape.from_model(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    for R, T, P in ((2, 24, 0), (6, 40, 0), (4, 40, 15)):
+    for R, T, P in ((6, 40, 0), (4, 40, 15)):
         saved: dict[int, int] = {}
 
         def pack(t):
