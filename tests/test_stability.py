@@ -243,6 +243,8 @@ def test_crosscap_matrix_hand_computed(tmp_path):
     assert res.overlap_rate[i["b"], i["a"]] == pytest.approx(2 / 3)
     assert res.iou[i["a"], i["c"]] == 0.0
     assert np.allclose(np.diag(res.iou), 1.0)  # identical samples -> every split finds the same set
+    assert res.iou_matched[i["a"], i["b"]] == pytest.approx(2 / 5)  # split sets = full sets here
+    assert res.iou_matched[i["b"], i["c"]] == 0.0
     # chance a vs b: layer 0 sizes 3 and 3 of 16 (layer 1: 1 and 0) -> E[X] = 9/16, E[X]/|A| = 9/64
     assert res.chance_overlap_rate[i["a"], i["b"]] == pytest.approx(9 / 64)
     assert res.intersection[i["a"], i["b"]] == 2
@@ -255,6 +257,7 @@ def test_crosscap_matrix_hand_computed(tmp_path):
     assert h.provenance()["samples_used"] == "first 4 of 6"
     back = CrossCapResult.load(tmp_path)
     assert np.allclose(back.iou, res.iou) and back.sizes == res.sizes
+    assert np.allclose(back.iou_matched, res.iou_matched)
 
 
 # ------------------------------------------------------------------------------------------------------------------

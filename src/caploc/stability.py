@@ -945,6 +945,9 @@ class CrossCapResult:
     locate_config: dict
     provenance: dict  # name -> run provenance
     notes: list[str] = field(default_factory=list)
+    # equal sample counts: off-diagonal = IoU between SPLIT sets of two capabilities (same split size as the diagonal)
+    iou_matched: np.ndarray | None = None
+    chance_iou_matched: np.ndarray | None = None
     kind = "crosscap"
 
     def _offdiag(self, M):
@@ -959,6 +962,12 @@ class CrossCapResult:
                                             "per_capability": dict(zip(self.names, diag.tolist()))},
                "crosscap_between_iou_mean": {"value": _num(np.nanmean(off)) if off.size and np.any(~np.isnan(off)) else None,
                                              "chance": _num(np.nanmean(offc)) if offc.size and np.any(~np.isnan(offc)) else None}}
+        if self.iou_matched is not None:
+            om, oc = self._offdiag(self.iou_matched), self._offdiag(self.chance_iou_matched)
+            out["crosscap_between_iou_matched_mean"] = {
+                "value": _num(np.nanmean(om)) if om.size and np.any(~np.isnan(om)) else None,
+                "chance": _num(np.nanmean(oc)) if oc.size and np.any(~np.isnan(oc)) else None,
+                "note": "split sets on both sides (same sample count as the within-capability diagonal)"}
         return _clean(out)
 
     def shared_counts(self) -> dict:
@@ -991,7 +1000,9 @@ class CrossCapResult:
                 "rate |A_row ∩ A_col| / |A_row| is normalised by the ROW capability. Diagonal: within-capability "
                 f"agreement between k={self.config['k']} random disjoint splits (mean over {len(self.config['seeds'])} "
                 "seeds; for the overlap rate the mean of both orders). In parentheses: exact chance level for random "
-                "sets with the same per-layer sizes (for the diagonal: of the split sets).",
+                "sets with the same per-layer sizes (for the diagonal: of the split sets). The diagonal's sets use "
+                f"1/{self.config['k']} of the samples, the off-diagonal full sets all of them; the 'equal sample "
+                "counts' table compares split sets on both sides.",
                 f"{sh['shared_by_all']} neurons are in every capability's set (generic candidates).",
             ] + self.notes,
             "tables": [
@@ -1001,6 +1012,11 @@ class CrossCapResult:
                 {"title": "IoU (chance)", "columns": [""] + self.names, "rows": mat_rows(self.iou, self.chance_iou)},
                 {"title": "Overlap rate |A_row ∩ A_col| / |A_row| (chance)", "columns": [""] + self.names,
                  "rows": mat_rows(self.overlap_rate, self.chance_overlap_rate)},
+                *([{"title": "IoU at equal sample counts: split sets of both capabilities (chance)",
+                    "columns": [""] + self.names, "rows": mat_rows(self.iou_matched, self.chance_iou_matched),
+                    "note": "Off-diagonal: mean IoU between a split set of the row capability and a split set of the "
+                            "column capability (all split-part pairs, all seeds), so both sides use as many samples "
+                            "as the diagonal's split sets."}] if self.iou_matched is not None else []),
                 {"title": "|A_row ∩ A_col|", "columns": [""] + self.names,
                  "rows": [[self.names[i]] + [int(x) for x in self.intersection[i]] for i in range(n)]},
             ],
@@ -1044,7 +1060,8 @@ class CrossCapResult:
             "iou": self.iou, "overlap_rate": self.overlap_rate, "intersection": self.intersection,
             "chance_iou": self.chance_iou, "chance_overlap_rate": self.chance_overlap_rate, "within": self.within,
             "config": self.config, "locate_config": self.locate_config, "provenance": self.provenance,
-            "notes": self.notes, "claims": self.claims()}))
+            "notes": self.notes, "iou_matched": self.iou_matched, "chance_iou_matched": self.chance_iou_matched,
+            "claims": self.claims()}))
         self.plot(out_dir / "fig_crosscap.png")
         atomic_write_json(out_dir / "report.json", self.report())
         return out_dir / "report.json"
@@ -1059,7 +1076,9 @@ class CrossCapResult:
         return cls(d["names"], d["sizes"], arr("iou"), arr("overlap_rate"), arr("intersection"), arr("chance_iou"),
                    arr("chance_overlap_rate"), d["within"], {nm: NeuronSet.load(out_dir / "sets", name=nm)
                                                              for nm in d["names"]},
-                   d["config"], d["locate_config"], d["provenance"], d.get("notes", []))
+                   d["config"], d["locate_config"], d["provenance"], d.get("notes", []),
+                   arr("iou_matched") if d.get("iou_matched") is not None else None,
+                   arr("chance_iou_matched") if d.get("chance_iou_matched") is not None else None)
 
 
 def crosscap_from_runs(runs: dict[str, ScoreRun], cfg: LocateConfig, scfg: StabilityConfig | None = None,
@@ -1086,13 +1105,13 @@ def crosscap_from_runs(runs: dict[str, ScoreRun], cfg: LocateConfig, scfg: Stabi
         notes.append(f"capabilities were scored with different attribution methods: {methods}")
         log.warning("crosscap: mixed attribution methods %s", methods)
     L, d = first.n_layers, first.d_mlp
-    sets, flats, within = {}, {}, {}
+    sets, flats, within, split_sets = {}, {}, {}, {}
     for nm in names:
         r = runs[nm]
         mask = selection_masks(r.scores, cfg)
         flats[nm] = set_from_mask(mask, cfg.min_freq)
         sets[nm] = r.neuron_set(flats[nm], cfg)
-        recs, _ = split_pairs(mask, cfg.min_freq, L, d, None, scfg, ["random"])
+        recs, split_sets[nm] = split_pairs(mask, cfg.min_freq, L, d, None, scfg, ["random"], keep_sets=True)
         within[nm] = summarize_pairs(recs, scfg)["random"]
     n = len(names)
     iou_m, ovr, inter = np.full((n, n), np.nan), np.full((n, n), np.nan), np.zeros((n, n), dtype=np.int64)
@@ -1111,8 +1130,25 @@ def crosscap_from_runs(runs: dict[str, ScoreRun], cfg: LocateConfig, scfg: Stabi
                                                  stats.per_layer_counts(flats[b], L, d), d)
             iou_m[i, j], ovr[i, j] = ag["iou"], ag["overlap_ab"]
             ch_iou[i, j], ch_ovr[i, j] = ex["iou"], ex["overlap_ab"]
+    iou_eq, ch_eq = iou_m.copy(), ch_iou.copy()  # diagonal: within-capability split agreement
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i == j:
+                continue
+            vals, chs = [], []
+            for seed in scfg.seeds:
+                for pa in range(scfg.k):
+                    for pb in range(scfg.k):
+                        fa, fb = split_sets[a][("random", seed, pa)][1], split_sets[b][("random", seed, pb)][1]
+                        vals.append(stats.iou(fa, fb))
+                        chs.append(stats.expected_random_agreement(stats.per_layer_counts(fa, L, d),
+                                                                   stats.per_layer_counts(fb, L, d), d)["iou"])
+            vals, chs = np.array(vals), np.array(chs)
+            iou_eq[i, j] = np.nanmean(vals) if np.any(~np.isnan(vals)) else np.nan
+            ch_eq[i, j] = np.nanmean(chs) if np.any(~np.isnan(chs)) else np.nan
     res = CrossCapResult(names, [len(flats[nm]) for nm in names], iou_m, ovr, inter, ch_iou, ch_ovr, within, sets,
-                         scfg.to_dict(), cfg.to_dict(), {nm: runs[nm].provenance() for nm in names}, notes)
+                         scfg.to_dict(), cfg.to_dict(), {nm: runs[nm].provenance() for nm in names}, notes,
+                         iou_eq, ch_eq)
     if out_dir is not None:
         res.save(out_dir)
     return res
