@@ -131,3 +131,17 @@ def test_unknown_architecture_message():
 
     with pytest.raises(ArchitectureError, match="--layout"):
         Site(Weird())
+
+
+def test_cli_usage_error_is_one_line(capsys):
+    assert main(["locate", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option" in err and "Traceback" not in err
+
+
+def test_truncated_shard_counts_as_unfinished(tmp_path):
+    st = ScoreStore(tmp_path / "s")
+    st.open({"steps": 2}, n_samples=4, shard_size=2)
+    st.write_shard(0, [0, 1], torch.zeros(2, 1, 4), [0.0, 0.0], torch.zeros(2, 1))
+    st.shard_path(1).write_bytes(b"")  # e.g. left empty by a power loss
+    assert st.finished_shards() == {0}

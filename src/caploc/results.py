@@ -53,6 +53,8 @@ def atomic_save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], meta
     os.close(fd)
     try:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -280,7 +282,20 @@ class ScoreStore:
         return -(-m["n_samples"] // m["shard_size"])
 
     def finished_shards(self) -> set[int]:
-        return {int(p.stem.split("-")[1]) for p in self.root.glob("shard-*.safetensors")}
+        """Shards whose file is complete (an unreadable or truncated file counts as unfinished and is recomputed)."""
+        from safetensors import safe_open
+
+        done = set()
+        for p in self.root.glob("shard-*.safetensors"):
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    if "scores" not in f.keys():
+                        continue
+            except Exception:  # truncated / corrupt file, e.g. after a power loss
+                log.warning("shard %s is unreadable; it will be recomputed", p.name)
+                continue
+            done.add(int(p.stem.split("-")[1]))
+        return done
 
     def write_shard(self, k: int, index, scores, f, gap) -> None:
         atomic_save_tensors(self.shard_path(k), {

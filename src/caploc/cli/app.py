@@ -32,18 +32,31 @@ def run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted; finished shards are kept and the same command resumes")
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # click usage errors (typer bundles its own click as typer._click)
+        kinds = _click_kinds()
+        if isinstance(e, kinds["exit"]):
+            return getattr(e, "exit_code", 0)
+        if isinstance(e, kinds["usage"]):
             e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+            return getattr(e, "exit_code", 2)
+        if isinstance(e, kinds["abort"]):
             return 1
         raise
     return 0
+
+
+def _click_kinds() -> dict:
+    """Exception classes of both the standalone click and typer's bundled copy."""
+    exit_, usage, abort = [], [], []
+    for modname in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            mod = __import__(modname, fromlist=["x"])
+        except ImportError:
+            continue
+        for name, bucket in (("Exit", exit_), ("ClickException", usage), ("Abort", abort)):
+            if hasattr(mod, name):
+                bucket.append(getattr(mod, name))
+    return {"exit": tuple(exit_) or (SystemExit,), "usage": tuple(usage) or (SystemExit,), "abort": tuple(abort) or (SystemExit,)}
 
 
 def parse_layers(text: str | None) -> list[int] | None:
