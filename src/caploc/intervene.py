@@ -629,7 +629,7 @@ def _fig_dose_response(res: InterventionResult, lab: str, path: Path) -> None:
         ys["activation-matched"] = [eff(k, "act_matched") for k in ks]
     role = next(d["role"] for d in res.datasets if d["label"] == lab)
     curves(ks, ys, path, xlabel="gain k (0 = erase, 1 = untouched)", ylabel="ΔNLL / target token (nats)",
-           chance=0.0, title=f"{lab} ({role}-target)", bands=bands)
+           title=f"{lab} ({role}-target)", bands=bands)
 
 
 def _fig_null_hist(res: InterventionResult, lab: str, k: float, path: Path) -> None:

@@ -47,8 +47,6 @@ def intervene(
     out: Path = typer.Option(Path("runs/intervene"), help="Output directory."),
 ):
     """Erase/enhance a neuron set vs random same-layer-size sets, an activation-matched set and the untouched model."""
-    from rich.table import Table
-
     from ..evaluate import build_datasets, default_off_target, spec_of
     from ..intervene import InterveneConfig, gain_for, run_intervention
 
@@ -69,12 +67,12 @@ def intervene(
         console.print(f"off-target datasets: {', '.join(specs[1:])}")
     entries = build_datasets(specs, n=n, seed=data_seed, neuron_meta=ns.meta, heldout=heldout, target=target, n_off=n_off)
     res = run_intervention(lm, ns, entries, cfg, out_dir=out)
-    t = Table("dataset", "k", "cond", "NLL/tok", "ΔNLL/tok", "95% CI", "random mean±sd", "z", "pct", box=None)
+    console.print(f"{'dataset':32s} {'k':>4s} {'condition':11s} {'NLL/tok':>8s} {'ΔNLL/tok':>9s} {'95% CI':>19s} "
+                  f"{'random mean±sd':>16s} {'z':>7s} {'pct':>5s}", highlight=False)
     for r in res.summary_rows():
-        t.add_row(r["dataset"], f"{r['k']:g}", r["condition"], f"{r['nll']:.4f}", f"{r['d_nll']:+.4f}",
-                  f"[{r['ci_lo']:+.4f}, {r['ci_hi']:+.4f}]", f"{r['random_mean']:+.4f}±{r['random_sd']:.4f}",
-                  f"{r['z']:.2f}", f"{r['percentile']:.2f}")
-    console.print(t)
+        console.print(f"{r['dataset'][:32]:32s} {r['k']:4g} {r['condition']:11s} {r['nll']:8.4f} {r['d_nll']:+9.4f} "
+                      f"[{r['ci_lo']:+.4f},{r['ci_hi']:+.4f}] {r['random_mean']:+.4f}±{r['random_sd']:.4f} "
+                      f"{r['z']:7.2f} {r['percentile']:5.2f}", highlight=False, soft_wrap=True)
     for name, c in res.claims().items():
         console.print(f"{name}: value={c['value']:.4g} holds={c['holds']}")
     console.print(f"wrote {out}/intervene.json, intervene.safetensors, report.json, figures")
