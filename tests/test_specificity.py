@@ -418,3 +418,18 @@ def test_cli_locate_with_contrast_and_exclude_generic(tmp_path):
     assert main(["locate", "--model", "tiny:llama", "--data", "rg:basic_arithmetic", "--n", "4", "--method", "activation",
                  "--out", str(out2)]) == 0
     assert not (out2 / "specificity.json").exists() and not (out2 / "plain.json").exists()
+
+
+@pytest.mark.real
+def test_real_massive_activation_neurons_flagged():
+    """SmolLM2-135M: the three massive-activation neurons (peaks 1000-3000 at the first token) on two tiny datasets."""
+    from caploc.data import load_dataset
+    from caploc.models.loading import load_model
+
+    lm = load_model("smollm2-135m")
+    data = {"facts": load_dataset("facts", n=2, seed=0), "letters": load_dataset("rg:letter_counting", n=2, seed=0)}
+    rep = find_generic(lm, data, None, GenericConfig(criteria=("massive",)), progress=False)
+    flagged = set(map(tuple, rep.generic_pairs.tolist()))
+    assert {(11, 1229), (28, 678), (11, 1487)} <= flagged
+    top = {(r["layer"], r["index"]): r for r in rep.rows}
+    assert top[(11, 1229)]["peak"] > 1000 and top[(11, 1229)]["first_token_share"] >= 0.5
