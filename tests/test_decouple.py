@@ -148,3 +148,14 @@ def test_cli_end_to_end_tiny(tmp_path):
     assert len(d.sets) == 12 and all(s.size == 20 for s in d.sets)
     rep = json.loads((out / "report.json").read_text())
     assert "facts_follows_commonality" in rep["claims"]
+
+
+def test_domain_without_groups_is_skipped_or_refused():
+    from caploc.decouple import decouple
+    from caploc.errors import DataError
+    from caploc.models import load_model
+
+    lm = load_model("tiny:llama")
+    with pytest.raises(DataError) as ei:  # facts: no attribute occurs in 10 relations -> nothing left to measure
+        decouple(lm, DecoupleConfig(domains=["facts"], n_groups=2, group_size=10, pool_size=60), progress=False)
+    assert "facts" in str(ei.value) and "\n" not in str(ei.value)

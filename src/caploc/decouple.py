@@ -101,7 +101,8 @@ class DecoupleConfig:
 
     @classmethod
     def full(cls, **kw) -> "DecoupleConfig":
-        """Paper scale: 50 groups of 20 = 1000 samples per kind (facts content groups are capped by the data)."""
+        """Paper scale: 50 groups of 20 = 1000 samples per kind. The facts data cannot give content groups of 20 (an
+        attribute occurs in at most 9 relations), so at this size the facts domain is skipped (reported)."""
         base = dict(n_groups=50, group_size=20, pool_size=20000)
         base.update(kw)
         return cls(**base)
@@ -516,6 +517,8 @@ class DecoupleResult:
                 "criterion": "95% bootstrap CI of (commonality IoU - content IoU) above 0"}
             if out_dir is not None:
                 figs.extend(self._figure(Path(out_dir), dom, d))
+        for dom, why in (self.meta.get("skipped_domains") or {}).items():
+            text.append(f"{dom} was skipped: {why}.")
         if "facts" in s:
             text.append("facts: content groups share the answer (attribute) and commonality groups do not, so the "
                         "target tokens that the attribution objective scores favour content; same-subject groups "
@@ -639,12 +642,17 @@ def decouple(lm, cfg: DecoupleConfig | None = None, out_dir: Path | str | None =
     t0 = time.time()
     doms = {}
     timing = {}
+    skipped: dict[str, str] = {}
     for domain in cfg.domains:
         t1 = time.time()
         pool, groups, items = build_groups(domain, cfg)
-        if not groups["commonality"] or not groups["content"]:
-            raise DataError(f"{domain}: no {'commonality' if not groups['commonality'] else 'content'} group of "
-                            f"{cfg.group_size} could be built; lower --group-size or raise --pool-size")
+        missing = [k for k in ("commonality", "content") if len(groups[k]) < 2]
+        if missing:
+            why = (f"fewer than 2 {' / '.join(missing)} groups of {cfg.group_size} can be built from this data "
+                   f"({ {k: len(v) for k, v in groups.items()} })")
+            log.warning("%s skipped: %s", domain, why)
+            skipped[domain] = why
+            continue
         idx = sorted({i for gs in groups.values() for g in gs for i in g.indices})
         samples = [pool[i] for i in idx]
         log.info("%s: %d groups, %d samples to localize", domain, sum(len(v) for v in groups.values()), len(samples))
@@ -652,9 +660,12 @@ def decouple(lm, cfg: DecoupleConfig | None = None, out_dir: Path | str | None =
         doms[domain] = DomainResult(domain, groups, [s.id for s in samples], sets, fs,
                                     content_sharing(groups, items), idx)
         timing[domain] = round(time.time() - t1, 1)
+    if not doms:
+        raise DataError(f"no domain has enough comparative groups ({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); "
+                        "lower --group-size or raise --pool-size")
     meta = {"model_id": lm.info.get("model_id"), "model_fingerprint": lm.info.get("fingerprint"),
             "model_type": lm.site.model_type, "neuron_site": lm.site.describe()["neuron_site"],
-            "seconds": round(time.time() - t0, 1), "seconds_per_domain": timing}
+            "seconds": round(time.time() - t0, 1), "seconds_per_domain": timing, "skipped_domains": skipped}
     res = DecoupleResult(doms, lm.site.n_layers, lm.site.d_mlp, cfg.to_dict(), meta)
     if out_dir is not None:
         res.save(out_dir)
