@@ -260,7 +260,7 @@ def export_enhanced(lm, neurons, k: float, out_dir: Path | str, *, peft: bool | 
         "fold_rule": "Conv1D: weight[i, :] *= k" if site.layout.conv1d else "Linear: weight[:, i] *= k",
     }
     try:
-        with folded_gains(site, gains):
+        with folded_gains(site, gains), _savable(model):
             model.save_pretrained(str(tmp))
         lm.tokenizer.save_pretrained(str(tmp))
         save_gains(tmp / GAINS_FILE, gains, {
@@ -299,6 +299,30 @@ def export_enhanced(lm, neurons, k: float, out_dir: Path | str, *, peft: bool | 
     log.info("exported %s with %d neurons x%g to %s (%.1f s)", lm.info.get("model_id"), n_changed, k, out_dir,
              summary["seconds"])
     return summary
+
+
+@contextlib.contextmanager
+def _savable(model) -> Iterator[None]:
+    """Let ``save_pretrained`` write a model loaded from a GGUF file (transformers refuses "quantized" models, but GGUF
+    weights are already dequantized to the load dtype; docs/ASSETS.md): the quantizer marker is removed for the save
+    and put back afterwards."""
+    q = getattr(model, "hf_quantizer", None)
+    cfg = getattr(model, "config", None)
+    qc = getattr(cfg, "quantization_config", None) if cfg is not None else None
+    method = str(getattr(qc, "quant_method", None) if not isinstance(qc, dict) else qc.get("quant_method")).lower()
+    is_gguf = q is not None and ("gguf" in type(q).__name__.lower() or "gguf" in method)
+    if not is_gguf:
+        yield
+        return
+    try:
+        model.hf_quantizer = None
+        if qc is not None:
+            del cfg.quantization_config
+        yield
+    finally:
+        model.hf_quantizer = q
+        if qc is not None:
+            cfg.quantization_config = qc
 
 
 def _with_gains(model, site, gains, ids):
