@@ -6,7 +6,8 @@
 Every arm runs in a fresh subprocess (so peak memory is not inherited from another arm): load the model, record the
 peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; tracemalloc does not see torch's allocations) and, on an
 accelerator, ``torch.cuda.max_memory_allocated``; then train ``warmup + steps`` AdamW steps with caploc's training
-loop on one fixed batch of gsm_symbolic problems and record the peak again. Reported: median step time, peak RSS,
+loop on one fixed batch of gsm_symbolic problems and record the peak again. Reported: median step time (wall clock
+and this process's CPU time; on a shared machine the CPU time is the robust one), peak RSS,
 training overhead (peak after training − peak after loading), trainable parameters and AdamW state elements, and the
 ratios neuron-only ÷ full from the same run. Without ``--neurons`` (or when the set is missing) a layer-matched random
 set of ``--n-neurons`` neurons spread over all layers is used and said so.
@@ -91,6 +92,8 @@ def child(args) -> dict:
         "arm": args.arm, "model": args.model, "device": str(dev), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "batch_tokens": n_tokens, "steps_timed": len(times),
         "step_s_median": float(np.median(times)), "step_s_all": [round(t, 4) for t in times],
+        "step_cpu_s_median": float(np.median(tl.step_cpu_seconds[args.warmup:])),
+        "step_cpu_s_all": [round(t, 4) for t in tl.step_cpu_seconds[args.warmup:]],
         "rss_after_load_mb": rss_loaded, "rss_peak_mb": _rss_mb(), "train_overhead_mb": _rss_mb() - rss_loaded,
         "gpu_peak_after_load_mb": gpu_loaded,
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if acc and dev.type == "cuda" else None,
@@ -130,7 +133,8 @@ def main() -> None:
             continue
         results[arm] = json.loads(line[0][7:])
         r = results[arm]
-        print(f"{arm:8s} step {r['step_s_median']:.3f} s (median of {r['steps_timed']}), peak RSS {r['rss_peak_mb']:.0f} MB "
+        print(f"{arm:8s} step {r['step_s_median']:.3f} s wall / {r['step_cpu_s_median']:.3f} s CPU (median of "
+              f"{r['steps_timed']}, {r['threads']} threads, {r['batch_tokens']} tokens), peak RSS {r['rss_peak_mb']:.0f} MB "
               f"(after load {r['rss_after_load_mb']:.0f} MB, training +{r['train_overhead_mb']:.0f} MB)"
               + (f", GPU peak {r['gpu_peak_mb']:.0f} MB" if r.get("gpu_peak_mb") else "")
               + f", trainable {r['n_trainable']:,}, AdamW state {r['n_optimizer_state']:,}  [{time.time() - t0:.0f} s]"
@@ -140,7 +144,8 @@ def main() -> None:
         if arm in results and "full" in results:
             a, f = results[arm], results["full"]
             ratios[f"{arm}/full"] = {
-                "step_time": a["step_s_median"] / f["step_s_median"],
+                "step_time_wall": a["step_s_median"] / f["step_s_median"],
+                "step_time_cpu": a["step_cpu_s_median"] / f["step_cpu_s_median"],
                 "peak_rss": a["rss_peak_mb"] / f["rss_peak_mb"],
                 "train_overhead_rss": a["train_overhead_mb"] / max(f["train_overhead_mb"], 1e-9),
                 "trainable": a["n_trainable"] / f["n_trainable"],

@@ -28,6 +28,15 @@ from caploc.results import NeuronSet
 SEL = {0: [1, 5, 7], 2: [0, 3, 40]}  # layer -> neuron indices (all < 48 = smallest tiny d_mlp)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU the second thread only burns time spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -600,10 +600,11 @@ def optimizer_state_numel(opt: torch.optim.Optimizer) -> int:
 class TrainLog:
     losses: list[float]  # mean target NLL of each step's batch (before that step's update)
     seconds: float
-    step_seconds: list[float]
+    step_seconds: list[float]  # wall clock per step
     n_trainable: int
     n_optimizer_state: int
     lr: float
+    step_cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time per step (all threads)
 
 
 def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, cfg: FinetuneConfig, *,
@@ -624,7 +625,7 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     order = batch_order(len(encoded), cfg.steps, cfg.batch_size, cfg.seed)
     device = next(model.parameters()).device
-    losses, times = [], []
+    losses, times, cpu = [], [], []
     was_training = model.training
     model.eval()  # dropout off: arms differ only in which parameters move
     t_all = time.perf_counter()
@@ -633,7 +634,7 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
         with ctx, torch.enable_grad():
             for step, idx in enumerate(tqdm(order, desc=desc, unit="step", leave=False, disable=progress is False
                                             if progress is not None else None)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 batch = collate([encoded[i] for i in idx], pad_id, device)
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 nll, ntok = target_nll(out.logits, batch)
@@ -648,13 +649,14 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
                 sched.step()
                 losses.append(float(loss.detach()))
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 every = max(1, cfg.steps // 10)
                 log.log(logging.INFO if (step + 1) % every == 0 or step == 0 else logging.DEBUG,
                         "%s step %d/%d loss %.4f (%.2f s)", desc, step + 1, cfg.steps, losses[-1], times[-1])
     finally:
         model.train(was_training)
     tl = TrainLog(losses, time.perf_counter() - t_all, times, int(sum(p.numel() for p in params)),
-                  optimizer_state_numel(opt), float(lr))
+                  optimizer_state_numel(opt), float(lr), cpu)
     log.info("%s: %d steps, loss %.4f -> %.4f, %.1f s", desc, cfg.steps, losses[0], losses[-1], tl.seconds)
     opt.zero_grad(set_to_none=True)
     if return_optimizer:
@@ -1200,7 +1202,7 @@ def write_report(res: FinetuneResult, out_dir: Path | str) -> dict:
         ax.bar(np.arange(len(dsets)) + j * width, vals, width, yerr=err, label=nm, capsize=3)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(np.arange(len(dsets)) + width * (len(names) - 1) / 2)
-    ax.set_xticklabels([f"{d}\n({role[d]})" for d in dsets], fontsize=7)
+    ax.set_xticklabels([f"{d.replace(':', ':' + chr(10))}\n({role[d]})" for d in dsets], fontsize=7)
     ax.set_ylabel("ΔNLL / token (after − untuned)")
     ax.legend(fontsize=8)
     _save_fig(fig, out_dir / "fig_delta.png")
