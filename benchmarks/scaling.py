@@ -1,6 +1,6 @@
 """Scale-out benchmark (run by hand; see docs/scaling.md for the measured figures).
 
-    .venv/bin/python benchmarks/scaling.py throughput [--model gpt2-small] [--n 8] [--steps 2] [--seq 48]
+    .venv/bin/python benchmarks/scaling.py throughput [--model gpt2-small] [--samples 8] [--steps 2] [--seq 48]
     .venv/bin/python benchmarks/scaling.py memory     [--model smollm2-135m] [--rows 1,2,4,8] [--seq 64] [--dtype float32]
     .venv/bin/python benchmarks/scaling.py bf16       [--model smollm2-135m] [--n 3] [--steps 4] [--data rg:basic_arithmetic]
     .venv/bin/python benchmarks/scaling.py plan       (Llama-2-7B / 13B / 70B configs, built on the meta device)
@@ -102,10 +102,15 @@ def _status_kb(key: str) -> int:
 
 
 def _last_json(text: str) -> dict:
-    for line in reversed(text.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"no result line in the worker output:\n{text[-3000:]}")
+    return _json_lines(text)[-1]
+
+
+def _json_lines(text: str) -> list[dict]:
+    out = [json.loads(line[line.index("{"):]) for line in text.strip().splitlines() if line.lstrip().startswith(("{", "["))
+           and "{" in line and line.rstrip().endswith("}")]
+    if not out:
+        raise RuntimeError(f"no result line in the worker output:\n{text[-3000:]}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,9 +134,8 @@ def _throughput_worker(args) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         res = locate(lm, ds, cfg, args.out, overwrite=True, progress=False, rank=rank, world=world)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if res is not None:
-            print(json.dumps({"world": world, "threads": args.threads, "n": len(ds), "wall_s": wall,
-                              "cpu_s_rank0": cpu, "samples_per_s": len(ds) / wall}), flush=True)
+        print(json.dumps({"rank": rank, "world": world, "threads": args.threads, "n": len(ds), "wall_s": wall,
+                          "cpu_s": cpu, "merged": res is not None}), flush=True)
     finally:
         distributed.finalize()
 
@@ -142,7 +146,8 @@ def throughput(args) -> None:
     from caploc.results import ScoreStore
 
     tmp = Path(tempfile.mkdtemp(prefix="caploc-scaling-"))
-    common = ["_tp", "--model", args.model, "--n", str(args.n), "--steps", str(args.steps), "--seq", str(args.seq)]
+    # (not ``--n``: torchrun's parser would read it as an ambiguous abbreviation of its own options)
+    common = ["_tp", "--model", args.model, "--samples", str(args.n), "--steps", str(args.steps), "--seq", str(args.seq)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     py = sys.executable
     torchrun = str(Path(py).with_name("torchrun"))
@@ -159,8 +164,12 @@ def throughput(args) -> None:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
         if p.returncode:
             raise SystemExit(f"{name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-        out[name] = _last_json(p.stdout)
-        print(f"  {name:38s} {out[name]['samples_per_s']:.3f} samples/s  (wall {out[name]['wall_s']:.1f} s)")
+        ranks = [j for j in _json_lines(p.stdout) if "rank" in j]
+        wall = max(j["wall_s"] for j in ranks)
+        cpu = sum(j["cpu_s"] for j in ranks)
+        out[name] = {"samples_per_s": args.n / wall, "wall_s": wall, "cpu_s_per_sample": cpu / args.n}
+        print(f"  {name:38s} {args.n / wall:.4f} samples/s  (wall {wall:.1f} s; CPU {cpu / args.n:.1f} s per sample, "
+              f"all processes)", flush=True)
     a, b, c = (out[k]["samples_per_s"] for k in runs)
     print(f"ratio 2 procs / 1 proc (1 thread each): {c / a:.2f}x;  1 proc 2 threads / 1 thread: {b / a:.2f}x")
     sa, sc = ScoreStore(tmp / "a" / "scores").load(), ScoreStore(tmp / "c" / "scores").load()
@@ -329,9 +338,9 @@ def plans(args) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, cfg in cfgs.items():
         shape = ModelShape.from_config(cfg)
-        for mem, seq in ((80, 256), (80, 512), (80, 1024), (40, 512), (24, 512), (160, 512)):
-            if name != "Llama-2-70B" and mem == 160 or name == "Llama-2-70B" and mem != 160:
-                continue
+        big = name == "Llama-2-70B"  # weights alone need two 80 GB devices: memory of 2 / 4 devices as one pool
+        for mem, seq in (((160, 512), (320, 512), (320, 1024)) if big else
+                         ((80, 256), (80, 512), (80, 1024), (40, 512), (24, 512))):
             p = plan(shape, seq, "bfloat16", mem)
             print(f"| {name} | {shape.n_params / 1e9:.2f} B | {mem} | {seq} | {p['rows'] if p['fits'] else 'does not fit'} "
                   f"| {p['peak_gb']:.1f} | {p['weights_gb']:.1f} | {p['per_row_gb']:.2f} | {p['memory_mb']} "
@@ -345,7 +354,7 @@ def main(argv=None) -> None:
     for name in ("throughput", "_tp"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="gpt2-small")
-        p.add_argument("--n", type=int, default=8)
+        p.add_argument("--samples", "--n", dest="n", type=int, default=8)
         p.add_argument("--steps", type=int, default=2)
         p.add_argument("--seq", type=int, default=48)
         p.add_argument("--threads", type=int, default=1)

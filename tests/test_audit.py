@@ -481,3 +481,24 @@ def test_cli_audit_tiny(tmp_path):
     assert rep["claims"]["facts_localizable"]["value"] in (True, False)
     assert main(["audit", "--model", "tiny:llama", "--facts", str(_facts_file(tmp_path)), "--methods", "kn,xx",
                  "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real model (tiny settings)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.real
+def test_real_smollm2_subject_tokens_and_trace():
+    lm = load_model("smollm2-135m")
+    tok = lm.tokenizer
+    prompt, subject = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+    ids = tok.encode(prompt)
+    sp = subject_positions(tok, prompt, ids, subject)
+    assert tok.decode([ids[p] for p in sp]).strip() == subject
+    target = tok.encode(" Paris", add_special_tokens=False)[0]
+    cfg = dict(n_noise=2, tokens="key", kinds=("mlp", "hidden"))
+    a = Tracer(lm.site, TracingConfig(**cfg)).trace(ids, target, sp, seed=0, layers=[0, 10, 29])
+    b = Tracer(lm.site, TracingConfig(reuse=False, **cfg)).trace(ids, target, sp, seed=0, layers=[0, 10, 29])
+    assert torch.allclose(a.p_restored, b.p_restored, atol=1e-5, equal_nan=True)
+    assert a.p_clean > 0.1 and a.p_corrupt < a.p_clean  # the model knows it; noise on the subject hurts
+    last = a.positions.index(len(ids) - 1)
+    assert float(a.p_restored[a.kinds.index("hidden"), 29, last]) == pytest.approx(a.p_clean, abs=1e-5)

@@ -85,10 +85,12 @@ def print_audit(res) -> None:
     from rich.table import Table
 
     rep = res.report()
-    for t in rep["tables"][:3]:
-        tab = Table(*t["columns"], title=t["title"], title_justify="left", show_lines=False)
+    keep = {0: [0, 2, 3, 4, 5, 6], 1: [0, 1, 2, 3, 5], 2: [0, 1, 2, 3, 4, 5, 6]}  # compact columns for a terminal
+    for k, t in enumerate(rep["tables"][:3]):
+        cols = [c for c in keep.get(k, range(len(t["columns"]))) if c < len(t["columns"])]
+        tab = Table(*[t["columns"][c] for c in cols], title=t["title"], title_justify="left", show_lines=False)
         for r in t["rows"]:
-            tab.add_row(*[str(x) for x in r])
+            tab.add_row(*[str(r[c]) for c in cols])
         console.print(tab)
     fl = rep["claims"]["facts_localizable"]
     console.print(f"facts_localizable = {fl['value']}  ({fl['criterion']})")
