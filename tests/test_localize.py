@@ -85,6 +85,16 @@ def test_score_store_refuses_changed_config(tmp_path):
     with pytest.raises(CaplocError, match="incomplete"):
         st.load()
     assert not list((tmp_path / "s").glob(".*tmp"))  # no temp files left
+    # a temporary shard file left by a killed run is removed when the store is opened again
+    (tmp_path / "s" / ".shard-00001.safetensors.1234.tmp").write_bytes(b"partial")
+    st.open({"steps": 2}, n_samples=3, shard_size=2)
+    assert not list((tmp_path / "s").glob(".*tmp")) and st.finished_shards() == {0}
+    # memory-only attribution knobs are not part of the resume key; what decides the scores is
+    from caploc.attribution.engine import AttributionConfig
+
+    a, b = AttributionConfig(steps=3), AttributionConfig(steps=3, memory_mb=64, max_rows=2, batch_size=1)
+    assert a.identity() == b.identity() and a.to_dict() != b.to_dict()
+    assert AttributionConfig(steps=4).identity() != a.identity()
 
 
 def test_locate_cli_end_to_end(tmp_path, capsys):

@@ -128,3 +128,7 @@ def test_sigkill_resume_equals_uninterrupted_run(tmp_path, one_thread, caplog, c
     assert _shards(out) == after
     fresh = neuron_set_from_scores(a["scores"], LocateConfig(rule="topk", topk=5, min_freq=0.6), {})
     assert np.array_equal(NeuronSet.load(out).pairs, fresh.pairs)
+
+    # a different memory budget (e.g. resuming on a smaller GPU) is not a configuration change: nothing is recomputed
+    assert main([*ARGS, "--memory-mb", "1", "--out", str(out)]) == 0
+    assert _shards(out) == after

@@ -57,6 +57,8 @@ class ToyLM(nn.Module):
             h = blk(h)
         if logits_to_keep is not None and torch.is_tensor(logits_to_keep):
             h = h[:, logits_to_keep]
+        elif isinstance(logits_to_keep, int) and logits_to_keep > 0:  # transformers' semantics: the last n positions
+            h = h[:, -logits_to_keep:]
         q = -(h**2).sum(-1) / self.d
         other = torch.log(-torch.expm1(q))
         return _Out(torch.stack([q, other], -1))

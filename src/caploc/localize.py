@@ -147,7 +147,7 @@ def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwr
     spec = {
         "model": {k: lm.info.get(k) for k in ("model_id", "model_type", "n_layers", "d_mlp", "fingerprint", "dtype")},
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "source": dataset.source},
-        "attribution": cfg.attribution.to_dict(), "chat": cfg.chat, "max_length": max_len,
+        "attribution": cfg.attribution.identity(), "chat": cfg.chat, "max_length": max_len,
     }
     if rank == 0:
         store.open(spec, len(encoded), cfg.shard_size, overwrite=overwrite)
@@ -156,7 +156,7 @@ def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwr
 
         barrier()
         if rank != 0:
-            store.open(spec, len(encoded), cfg.shard_size, overwrite=False)
+            store.open(spec, len(encoded), cfg.shard_size, overwrite=False, clean_tmp=False)
     done = store.finished_shards()
     n_shards = -(-len(encoded) // cfg.shard_size)
     todo = [k for k in range(n_shards) if k % world == rank and k not in done]

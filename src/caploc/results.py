@@ -250,9 +250,15 @@ class ScoreStore:
         self.root = Path(root)
 
     # ---- writing ------------------------------------------------------------------------------------------------
-    def open(self, spec: dict, n_samples: int, shard_size: int, overwrite: bool = False) -> None:
-        """Create the store, or check that an existing one was made with the same ``spec`` (resume)."""
+    def open(self, spec: dict, n_samples: int, shard_size: int, overwrite: bool = False, clean_tmp: bool = True) -> None:
+        """Create the store, or check that an existing one was made with the same ``spec`` (resume).
+
+        ``clean_tmp`` removes temporary shard files a killed run left behind; only the process that opens the store
+        before any rank writes may do that (rank 0 in a multi-process run)."""
         key = config_key(spec)
+        if clean_tmp and self.root.exists():
+            for p in self.root.glob(".shard-*.tmp"):
+                p.unlink(missing_ok=True)
         meta_path = self.root / "store.json"
         if meta_path.exists() and not overwrite:
             old = read_json(meta_path)

@@ -97,6 +97,14 @@ class AttributionConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    #: knobs that only decide how rows are grouped into forward passes (scores agree to float rounding), so a run may
+    #: resume under another memory budget -- e.g. on a different GPU after an out-of-memory error
+    MEMORY_KNOBS = ("memory_mb", "max_rows", "batch_size")
+
+    def identity(self) -> dict:
+        """What decides the scores: :meth:`to_dict` without :attr:`MEMORY_KNOBS` (the resume key of a score store)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.MEMORY_KNOBS}
+
 
 @dataclass
 class SampleScores:
@@ -171,17 +179,22 @@ def _expand_like(obj, R: int):
 @contextlib.contextmanager
 def _replay_blocks(site: Site, recorded: dict[int, object], below: int, R: int):
     """Blocks ``< below`` return their recorded clean outputs (expanded to R rows) instead of computing."""
-    patched = []
+    patched = []  # (block, its previous instance ``forward`` or None)
     try:
         for j in range(below):
             blk = site.blocks[j]
             out = _expand_like(recorded[j], R)
-            blk.forward = (lambda *a, _o=out, **k: _o)  # instance attribute shadows the class method
-            patched.append(blk)
+            # an instance attribute shadows the class method; a dispatched model (accelerate device map) already has
+            # one -- its device-moving wrapper -- which must be put back afterwards, not deleted
+            patched.append((blk, blk.__dict__.get("forward")))
+            blk.forward = (lambda *a, _o=out, **k: _o)
         yield
     finally:
-        for blk in patched:
-            del blk.forward
+        for blk, prev in reversed(patched):
+            if prev is None:
+                del blk.forward
+            else:
+                blk.forward = prev
 
 
 @contextlib.contextmanager
@@ -194,6 +207,16 @@ def _record_blocks(site: Site, store: dict[int, object]):
     finally:
         for h in handles:
             h.remove()
+
+
+def _keep(pred: torch.Tensor, S: int):
+    """``logits_to_keep`` for scored positions ``pred`` of an S-token input: the integer n when they are the last n
+    positions in order (always, for prompt+target plans) -- no index tensor that would have to follow the hidden states
+    onto the last device of a model split over GPUs -- else the index tensor itself."""
+    n = int(pred.numel())
+    if n and int(pred[0]) == S - n and bool((pred == torch.arange(S - n, S, device=pred.device)).all()):
+        return n
+    return pred
 
 
 def _prefix_cache(model, ids: torch.Tensor):
@@ -233,6 +256,7 @@ class Attributor:
         self.layers = layers
         self._row_cap: int | None = None  # learnt from OOM back-off
         self.stats = {"rows": 0, "forwards": 0, "fallbacks": 0, "oom_backoffs": 0}
+        self._gxa_cap: int | None = None  # samples per grad_x_act batch learnt from an out-of-memory error
 
     # ---- public -------------------------------------------------------------------------------------------------
     def score(self, ids: list[int], prompt_len: int) -> SampleScores:
@@ -274,7 +298,7 @@ class Attributor:
                 out = model(
                     input_ids=suffix[None], cache=_cache_for_rows(cache, 1) if cache is not None else None,
                     position_ids=torch.arange(s, s + S, device=dev)[None], use_cache=cache is not None,
-                    logits_to_keep=pred,
+                    logits_to_keep=_keep(pred, S),
                 )
             acts = {l: cap[l][0].float() for l in self.layers}  # [S, d_mlp]
             f_clean = float(_objective(out.logits, labels, cfg.objective)[0])
@@ -394,7 +418,7 @@ class Attributor:
                 cache=_cache_for_rows(cache, R) if cache is not None else None,
                 position_ids=torch.arange(s, s + S, device=dev)[None].expand(R, S),
                 use_cache=cache is not None,
-                logits_to_keep=pred,
+                logits_to_keep=_keep(pred, S),
             )
             f = _objective(out.logits, labels, cfg.objective)  # [R]
             grads = torch.autograd.grad(f.sum(), [xs[j] for j in layers_here])
@@ -413,52 +437,69 @@ class Attributor:
     def _gxa(self, items) -> list[SampleScores]:
         cfg, site, model = self.cfg, self.site, self.model
         out: list[SampleScores] = []
-        for b in range(0, len(items), cfg.batch_size):
-            batch = items[b : b + cfg.batch_size]
-            plans = [_plan(i, p, _no_reuse(cfg)) for i, p in batch]
-            T = max(len(p.input_ids) for p in plans)
-            B = len(plans)
-            dev = site.input_device()
-            pad = getattr(model.config, "pad_token_id", None) or 0
-            ids = torch.full((B, T), int(pad), dtype=torch.long)
-            att = torch.zeros(B, T, dtype=torch.long)
-            pmask = torch.zeros(B, T, dtype=torch.bool)
+        b = 0
+        while b < len(items):
+            n = max(1, min(cfg.batch_size, self._gxa_cap or cfg.batch_size))
+            try:
+                out += self._gxa_batch(items[b : b + n])
+            except RuntimeError as e:  # includes torch.OutOfMemoryError
+                if not _is_oom(e) or n == 1:
+                    raise
+                self._gxa_cap = max(1, n // 2)
+                self.stats["oom_backoffs"] += 1
+                log.warning("out of memory with %d samples per batch; retrying with %d", n, self._gxa_cap)
+                _empty_cache()
+                continue
+            b += n
+        return out
+
+    def _gxa_batch(self, batch) -> list[SampleScores]:
+        cfg, site, model = self.cfg, self.site, self.model
+        out: list[SampleScores] = []
+        plans = [_plan(i, p, _no_reuse(cfg)) for i, p in batch]
+        T = max(len(p.input_ids) for p in plans)
+        B = len(plans)
+        dev = site.input_device()
+        pad = getattr(model.config, "pad_token_id", None) or 0
+        ids = torch.full((B, T), int(pad), dtype=torch.long)
+        att = torch.zeros(B, T, dtype=torch.long)
+        pmask = torch.zeros(B, T, dtype=torch.bool)
+        for k, p in enumerate(plans):
+            ids[k, : len(p.input_ids)] = p.input_ids
+            att[k, : len(p.input_ids)] = 1
+            pmask[k, : len(p.input_ids)] = p.scaled
+        xs: dict[int, torch.Tensor] = {}
+        need_grad = cfg.method == "grad_x_act"
+
+        def fn(j, x):
+            if need_grad and not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            xs[j] = x
+            return x if need_grad else None
+
+        from ..hooks import neuron_hooks
+
+        ctx = torch.enable_grad() if need_grad else torch.no_grad()
+        with ctx, neuron_hooks(site, {j: fn for j in self.layers}):
+            res = model(input_ids=ids.to(dev), attention_mask=att.to(dev))
+            logits = res.logits
+            fs = []
             for k, p in enumerate(plans):
-                ids[k, : len(p.input_ids)] = p.input_ids
-                att[k, : len(p.input_ids)] = 1
-                pmask[k, : len(p.input_ids)] = p.scaled
-            xs: dict[int, torch.Tensor] = {}
-            need_grad = cfg.method == "grad_x_act"
-
-            def fn(j, x):
-                if need_grad and not x.requires_grad:
-                    x = x.detach().requires_grad_(True)
-                xs[j] = x
-                return x if need_grad else None
-
-            from ..hooks import neuron_hooks
-
-            ctx = torch.enable_grad() if need_grad else torch.no_grad()
-            with ctx, neuron_hooks(site, {j: fn for j in self.layers}):
-                res = model(input_ids=ids.to(dev), attention_mask=att.to(dev))
-                logits = res.logits
-                fs = []
-                for k, p in enumerate(plans):
-                    fs.append(_objective(logits[k : k + 1, p.pred_pos.to(logits.device)], p.labels, cfg.objective)[0])
-                f = torch.stack(fs)
+                fs.append(_objective(logits[k : k + 1, p.pred_pos.to(logits.device)], p.labels, cfg.objective)[0])
+            f = torch.stack(fs)
+            if need_grad:
+                grads = torch.autograd.grad(f.sum(), [xs[j] for j in self.layers])
+        self.stats["forwards"] += 1
+        for k, p in enumerate(plans):
+            sc = torch.zeros(site.n_layers, site.d_mlp, dtype=torch.float32)
+            m = pmask[k].to(torch.float32)
+            for n_j, j in enumerate(self.layers):
+                a = xs[j][k].detach().float().cpu()
                 if need_grad:
-                    grads = torch.autograd.grad(f.sum(), [xs[j] for j in self.layers])
-            self.stats["forwards"] += 1
-            for k, p in enumerate(plans):
-                sc = torch.zeros(site.n_layers, site.d_mlp, dtype=torch.float32)
-                m = pmask[k].to(torch.float32)
-                for n_j, j in enumerate(self.layers):
-                    a = xs[j][k].detach().float().cpu()
-                    if need_grad:
-                        sc[j] = (a * grads[n_j][k].float().cpu() * m[:, None]).sum(0)
-                    else:
-                        sc[j] = (a.abs() * m[:, None]).sum(0) / m.sum().clamp(min=1)
-                out.append(SampleScores(sc, float(f[k].detach()), n_tokens=len(p.input_ids)))
+                    sc[j] = (a * grads[n_j][k].float().cpu() * m[:, None]).sum(0)
+                else:
+                    sc[j] = (a.abs() * m[:, None]).sum(0) / m.sum().clamp(min=1)
+            out.append(SampleScores(sc, float(f[k].detach()), n_tokens=len(p.input_ids)))
         return out
 
 

@@ -91,7 +91,7 @@ def contrast(
 def generic(
     runs: Optional[str] = typer.Option(None, help="Comma-separated locate run dirs (selection frequencies)."),
     data: Optional[str] = typer.Option(None, help="Comma-separated dataset specs for activation magnitudes."),
-    n: int = typer.Option(16, help="Samples per --data dataset."),
+    n: int = typer.Option(16, "--n", "--n-samples", help="Samples per --data dataset."),
     seed: int = typer.Option(0, help="Data seed of --data datasets."),
     model: Optional[str] = typer.Option(None, help="Model (default: the first run's, else smollm2-135m)."),
     massive_ratio: float = typer.Option(100.0, help="Peak |a| / the layer's typical peak, on every dataset."),

@@ -40,7 +40,7 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 def eval_cmd(
     model: Optional[str] = typer.Option(None, help="Model (default: the one in --neurons, else smollm2-135m)."),
     data: List[str] = typer.Option(["gsm_symbolic"], "--data", help="Dataset spec; repeat for cross-dataset evaluation. The first is in-domain."),
-    n: int = typer.Option(32, help="Samples per dataset (per held-out part)."),
+    n: int = typer.Option(32, "--n", "--n-samples", help="Samples per dataset (per held-out part)."),
     n_off: Optional[int] = typer.Option(None, help="Samples per off-target / cross-dataset dataset (default: --n)."),
     seed: int = typer.Option(1, help="Data seed (use one other than the localization seed)."),
     target: str = typer.Option("cot", help="gsm_symbolic target: cot or answer."),

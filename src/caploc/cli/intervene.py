@@ -32,7 +32,7 @@ def intervene(
     seed: int = typer.Option(0, help="Random sets use seeds seed..seed+n_random-1."),
     act_matched: bool = typer.Option(True, help="Also run the activation-matched control."),
     act_samples: int = typer.Option(8, help="Samples for the mean |activation| of the matched control."),
-    n: int = typer.Option(32, help="Samples per dataset (per held-out part)."),
+    n: int = typer.Option(32, "--n", "--n-samples", help="Samples per dataset (per held-out part)."),
     n_off: Optional[int] = typer.Option(None, help="Samples per off-target / cross-dataset dataset (default: --n)."),
     data_seed: int = typer.Option(1, help="Seed of the evaluation samples."),
     heldout: bool = typer.Option(True, help="Split the on-target data into held-out samples and held-out templates."),

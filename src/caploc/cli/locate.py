@@ -13,7 +13,7 @@ from .app import app, console, load_model_from_opts, parse_layers, print_neuron_
 def locate(
     model: str = typer.Option("smollm2-135m", help="Built-in 'smollm2-135m', a local HF model dir, a cached HF id, or tiny:<arch>."),
     data: str = typer.Option("gsm_symbolic", help="gsm_symbolic | rg:<task> | facts | humaneval | a .json/.jsonl/.csv/.parquet file | a datasets dir."),
-    n: Optional[int] = typer.Option(None, help="Number of samples (default: the loader's default)."),
+    n: Optional[int] = typer.Option(None, "--n", "--n-samples", help="Number of samples (default: the loader's default)."),
     seed: int = typer.Option(0, help="Data seed."),
     target: str = typer.Option("cot", help="gsm_symbolic target: cot (gold chain of thought) or answer."),
     prompt_field: Optional[str] = typer.Option(None), target_field: Optional[str] = typer.Option(None),

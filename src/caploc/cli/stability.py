@@ -61,7 +61,7 @@ def stability(
     run: Optional[Path] = typer.Option(None, help="A `caploc locate` output dir (its stored scores are reused)."),
     model: str = _o_model(),
     data: Optional[str] = typer.Option(None, help="Without --run: dataset spec to localize first (into OUT/locate)."),
-    n: Optional[int] = typer.Option(None, help="Samples (without --run)."),
+    n: Optional[int] = typer.Option(None, "--n", "--n-samples", help="Samples (without --run)."),
     seed: int = typer.Option(0, help="Data seed (without --run)."),
     target: str = typer.Option("cot", help="gsm_symbolic target: cot | answer."),
     prompt_field: Optional[str] = typer.Option(None), target_field: Optional[str] = typer.Option(None),
@@ -178,7 +178,7 @@ def crosscap(
     run_samples: Optional[int] = typer.Option(None, help="Use only the first N stored samples of each --run dir "
                                                          "(to match --n; the loaders' first N samples)."),
     model: str = _o_model(),
-    n: int = typer.Option(32, help="Samples per capability."),
+    n: int = typer.Option(32, "--n", "--n-samples", help="Samples per capability."),
     seed: int = typer.Option(0), target: str = typer.Option("cot"),
     method: str = typer.Option("ig"), steps: int = typer.Option(20), positions: str = typer.Option("all"),
     objective: str = typer.Option("logprob"), layers: Optional[str] = typer.Option(None),
