@@ -56,11 +56,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                                   "humaneval": "humaneval"}},
     "contrast": {"enabled": True, "rule": "subtract", "references": ["facts", "letter_counting", "sentence_reordering"]},
     "intervene": {"enabled": True, "off_target": ["facts", "rg:letter_counting"], "n": 24, "held_out_templates": True,
-                  "ks": [0.0, 2.0], "n_random": 10, "act_matched": True, "metrics": ["nll"]},
+                  "ks": [0.0, 2.0], "n_random": 10, "act_matched": True, "metrics": ["nll"],
+                  "sets": ["plain", "contrastive"]},
     "finetune": {"enabled": True, "n_train": 32, "n_eval": 24, "steps": 10, "lr": 1e-3, "batch_size": 4,
                  "arms": ["neurons", "random", "full"], "n_random": 3, "eval_data": ["facts", "rg:letter_counting"]},
     "audit": {"enabled": True, "n_facts": 20, "methods": ["kn", "tracing", "cnl", "circuits"], "kn_steps": 4,
-              "max_phrasings": 3, "known": "prob", "known_threshold": 0.05},
+              "max_phrasings": 3, "known": "prob", "known_threshold": 0.05,
+              "tracing_tokens": "subject", "tracing_kinds": ["hidden", "mlp", "attn"], "tracing_n_noise": 5},
     "decouple": {"enabled": True, "n_groups": 6, "group_size": 4, "domains": ["gsm_symbolic", "facts"],
                  "method": "grad_x_act", "gsm_target": "cot"},
 }
@@ -127,7 +129,17 @@ def validate(raw: dict, source: str = "") -> Study:
         raise CaplocError(f"[stability] seeds must not be empty{where}")
     if out["intervene"]["n_random"] < 1 or out["finetune"]["steps"] < 1:
         raise CaplocError(f"[intervene] n_random and [finetune] steps must be >= 1{where}")
+    bad_sets = [x for x in out["intervene"]["sets"] if x not in ("plain", "contrastive")]
+    if bad_sets or not out["intervene"]["sets"]:
+        raise CaplocError(f"[intervene] sets must list 'plain' and/or 'contrastive'{where}, got {out['intervene']['sets']}")
     _locate_config(out)  # AttributionConfig / LocateConfig validation
+    from .audit.tracing import TracingConfig
+
+    a = out["audit"]
+    try:
+        TracingConfig(tokens=a["tracing_tokens"], kinds=tuple(a["tracing_kinds"]), n_noise=a["tracing_n_noise"])
+    except CaplocError as e:
+        raise CaplocError(f"[audit] {e}{where}") from None
     return Study(out, source)
 
 
@@ -304,9 +316,9 @@ def _stage_intervene(ctx: _Ctx, out: Path) -> None:
     cfg = InterveneConfig(ks=tuple(float(k) for k in iv["ks"]), n_random=iv["n_random"], seed=st["study"]["seed"],
                           act_matched=iv["act_matched"], metrics=tuple(iv["metrics"]), chat=st["study"]["chat"])
     sets = _eval_sets(ctx, iv["n"])
-    candidates = {"plain": ctx.dir("locate")}
+    candidates = {"plain": ctx.dir("locate")} if "plain" in iv["sets"] else {}
     cdir = ctx.dir("contrast")
-    if (cdir / "neurons.json").exists():
+    if "contrastive" in iv["sets"] and (cdir / "neurons.json").exists():
         candidates["contrastive"] = cdir
     for name, d in candidates.items():
         ns = NeuronSet.load(d)
@@ -338,11 +350,14 @@ def _stage_finetune(ctx: _Ctx, out: Path) -> None:
 def _stage_audit(ctx: _Ctx, out: Path) -> None:
     from .audit.kn import KNConfig
     from .audit.run import AuditConfig, run_audit
+    from .audit.tracing import TracingConfig
 
     a, st = ctx.study["audit"], ctx.study
     cfg = AuditConfig(methods=tuple(a["methods"]), n_facts=a["n_facts"], seed=st["study"]["seed"],
                       max_phrasings=a["max_phrasings"], kn=KNConfig(steps=a["kn_steps"]), chat=st["study"]["chat"],
-                      known=a["known"], known_threshold=a["known_threshold"])
+                      known=a["known"], known_threshold=a["known_threshold"],
+                      tracing=TracingConfig(tokens=a["tracing_tokens"], kinds=tuple(a["tracing_kinds"]),
+                                            n_noise=a["tracing_n_noise"]))
     run_audit(ctx.lm, _dataset("facts", None, st["study"]["seed"]), cfg, out)
 
 

@@ -116,7 +116,7 @@ class AuditConfig:
         if "kn" in self.methods:
             keep["kn"] = d["kn"]
         if "tracing" in self.methods:
-            keep["tracing"] = {k: v for k, v in d["tracing"].items() if k not in ("reuse", "max_rows")}
+            keep["tracing"] = {k: v for k, v in d["tracing"].items() if k not in ("reuse", "max_rows", "band_rows")}
         if "cnl" in self.methods:
             keep["cnl"] = [self.cnl_method, self.cnl_sigma, self.cnl_steps if self.cnl_method == "ig" else None,
                            d["kn"]["p"], d["kn"]["share_rule"], d["kn"]["enhance"], d["kn"]["positions"]]
@@ -172,7 +172,7 @@ def select_facts(lm, dataset, cfg: AuditConfig, batch: int = 64) -> tuple[list[F
 # ---------------------------------------------------------------------------------------------------------------------
 # manipulation with a different neuron set per row
 # ---------------------------------------------------------------------------------------------------------------------
-def row_set_probs(site, encoded_rows, row_sets, factor: float, positions: str, pad_id: int,
+def row_set_probs(site, encoded_rows, row_sets, factor, positions: str, pad_id: int,
                   batch_size: int = 64) -> np.ndarray:
     """P(first target token) of each row (an encoded phrasing) with that row's neuron set (flat indices; None or
     empty = untouched) multiplied by ``factor`` at the last prompt position (``"last"``) or at every position.
@@ -183,15 +183,17 @@ def row_set_probs(site, encoded_rows, row_sets, factor: float, positions: str, p
 
     model, d = site.model, site.d_mlp
     dev = site.input_device()
+    # ``factor``: one multiplier for every row, or one per row (suppress and enhance rows share forward passes)
+    factors = np.broadcast_to(np.asarray(factor, dtype=np.float64), (len(encoded_rows),))
 
-    def gains_for(sets, B):
+    def gains_for(sets, B, row_ids):
         gains: dict[int, torch.Tensor] = {}
         for r, st in enumerate(sets):
             if st is None or len(st) == 0:
                 continue
             for l, ix in flat_to_layers(np.asarray(st), d).items():
                 g = gains.setdefault(l, torch.ones(B, d))
-                g[r, torch.as_tensor(ix)] = factor
+                g[r, torch.as_tensor(ix)] = float(factors[row_ids[r]])
         return gains
 
     if positions == "last":
@@ -215,7 +217,7 @@ def row_set_probs(site, encoded_rows, row_sets, factor: float, positions: str, p
             for b0 in range(0, len(rows), batch_size):
                 rr = rows[b0 : b0 + batch_size]
                 B = len(rr)
-                gains = gains_for([row_sets[r] for r in rr], B)
+                gains = gains_for([row_sets[r] for r in rr], B, rr)
 
                 def make(g):
                     def fn(_l, x):  # x [B, 1, d]: the last prompt token only
@@ -235,7 +237,7 @@ def row_set_probs(site, encoded_rows, row_sets, factor: float, positions: str, p
     for b0 in range(0, len(encoded_rows), batch_size):
         enc = encoded_rows[b0 : b0 + batch_size]
         ids, att, last, tgt = _batch(enc, pad_id)
-        gains = gains_for(row_sets[b0 : b0 + batch_size], len(enc))
+        gains = gains_for(row_sets[b0 : b0 + batch_size], len(enc), list(range(b0, b0 + len(enc))))
 
         def make_all(g):
             def fn(_l, x):  # x [B, T, d]
@@ -288,15 +290,14 @@ def manipulation(site, encs, own_sets, refined, cfg: AuditConfig, seed_base: lis
         if len(refined):
             add(off_encs, [refined] * len(off_encs), "off_refined")
     out: dict = {}
-    for factor, name in ((0.0, "suppress"), (cfg.kn.enhance, "enhance")):
-        if name == "enhance":  # untouched rows do not depend on the factor: computed once
-            keep = [i for i, s_ in enumerate(sets) if s_ is not None and len(s_)]
-            p_full = np.full(len(rows), np.nan)
-            p_full[keep] = row_set_probs(site, [rows[i] for i in keep], [sets[i] for i in keep], factor,
-                                         cfg.kn.positions, pad_id)
-            p = p_full
-        else:
-            p = row_set_probs(site, rows, sets, factor, cfg.kn.positions, pad_id)
+    # one batched pass: every row suppressed (x0), plus the rows with a set enhanced (untouched rows do not depend
+    # on the factor and are computed once)
+    keep = [i for i, s_ in enumerate(sets) if s_ is not None and len(s_)]
+    both = row_set_probs(site, rows + [rows[i] for i in keep], sets + [sets[i] for i in keep],
+                         [0.0] * len(rows) + [cfg.kn.enhance] * len(keep), cfg.kn.positions, pad_id)
+    p_enh = np.full(len(rows), np.nan)
+    p_enh[keep] = both[len(rows):]
+    for p, name in ((both[: len(rows)], "suppress"), (p_enh, "enhance")):
         pos = 0
         for tag, n in tags:
             v = p[pos : pos + n].tolist()

@@ -72,6 +72,10 @@ class TracingConfig:
     window: int = 1  # layers restored together for mlp / attn (ROME's figures: 10)
     reuse: bool = True  # layer skipping (replay of corrupted blocks below the restored layer)
     max_rows: int = 256  # rows per forward pass
+    # restoration rows of neighbouring layers share one forward until it holds this many rows (blocks below the band's
+    # lowest layer replay the corrupted run; rows of higher layers recompute a few blocks, which changes no number):
+    # small forwards of a few rows are bound by reading the weights, not by arithmetic
+    band_rows: int = 48
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -85,8 +89,8 @@ class TracingConfig:
             raise CaplocError(f"n_noise must be a positive integer, got {self.n_noise!r}")
         if not isinstance(self.window, int) or self.window < 1:
             raise CaplocError(f"window must be a positive integer, got {self.window!r}")
-        if self.max_rows < 1:
-            raise CaplocError("max_rows must be positive")
+        if self.max_rows < 1 or self.band_rows < 1:
+            raise CaplocError("max_rows and band_rows must be positive")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -496,6 +500,8 @@ class Tracer:
                     key = (low, pos) if cfg.reuse else (0, 0)
                     for z in range(n):
                         groups.setdefault(key, []).append((ki, l, ri, z))
+        if cfg.reuse and cfg.band_rows > 1:
+            groups = _merge_bands(groups, cfg.band_rows)
         sums = torch.zeros(len(kinds), self.L, len(positions), dtype=torch.float64)
         counts = torch.zeros_like(sums)
         # one replay check per restored position: unrestored rows must reproduce the corrupted run
@@ -549,6 +555,28 @@ class Tracer:
         return PhrasingTrace(p_clean=p_clean, p_corrupt=p_corrupt, p_corrupt_rows=[float(x) for x in p_rows],
                              p_restored=p_restored, kinds=kinds, positions=positions, classes=classes,
                              subject_pos=list(subject_pos), n_tokens=T, noise_sd=self.noise_sd)
+
+
+def _merge_bands(groups: dict, band_rows: int) -> dict:
+    """Merge restoration groups {(lowest restored layer, position): rows} of the same position over consecutive
+    layers until a band holds >= ``band_rows`` rows; a band is keyed by its lowest layer (replayed below it)."""
+    out: dict = {}
+    by_pos: dict[int, list[int]] = {}
+    for below, pos in groups:
+        by_pos.setdefault(pos, []).append(below)
+    for pos, lows in by_pos.items():
+        band: list = []
+        start = None
+        for below in sorted(lows):
+            if start is None:
+                start = below
+            band += groups[(below, pos)]
+            if len(band) >= band_rows:
+                out[(start, pos)] = band
+                band, start = [], None
+        if band:
+            out[(start, pos)] = band
+    return out
 
 
 def uniform_same_layer_chance(n_layers: int) -> float:
