@@ -257,6 +257,7 @@ class Attributor:
         self._row_cap: int | None = None  # learnt from OOM back-off
         self.stats = {"rows": 0, "forwards": 0, "fallbacks": 0, "oom_backoffs": 0}
         self._gxa_cap: int | None = None  # samples per grad_x_act batch learnt from an out-of-memory error
+        self._small_batch: int | None = None  # see _batch_tokens
 
     # ---- public -------------------------------------------------------------------------------------------------
     def score(self, ids: list[int], prompt_len: int) -> SampleScores:
@@ -352,6 +353,13 @@ class Attributor:
             gap = scores.sum(1) - (f_one - f_zero)
         return SampleScores(scores, f_clean, f_zero, gap, n_tokens=len(plan.input_ids))
 
+    def _batch_tokens(self) -> int:
+        """Below this many row-tokens a micro-batch is so small that merging in lower layers (rows then recompute
+        blocks they share with the clean run) pays for itself: a GPU is launch-bound there, a CPU much less so."""
+        if self._small_batch is None:
+            self._small_batch = 512 if self.site.input_device().type == "cuda" else 48
+        return self._small_batch
+
     def _chunk_len(self, rows, i, S, n_pred) -> int:
         """How many rows from ``i`` fit the memory budget (rows are sorted by layer, top first)."""
         site, cfg = self.site, self.cfg
@@ -377,7 +385,7 @@ class Attributor:
             if n > 0 and l_min != rows[i + n - 1][0]:
                 nxt_needed = needed + sum(L - r[0] for r in rows[i + n :] if r[0] == l_min)
                 n_nxt = n + sum(1 for r in rows[i + n :] if r[0] == l_min)
-                if (n_nxt * S > 512) and n_nxt * depth > 1.25 * nxt_needed:
+                if (n_nxt * S > self._batch_tokens()) and n_nxt * depth > 1.25 * nxt_needed:
                     break
             needed += depth
             n += 1
