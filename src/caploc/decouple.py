@@ -47,7 +47,7 @@ import torch
 
 from . import __version__
 from .errors import CaplocError, DataError
-from .results import atomic_save_tensors, atomic_write_json, read_json
+from .results import atomic_save_tensors, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -576,16 +576,9 @@ class DecoupleResult:
 
     @classmethod
     def load(cls, out_dir: Path | str) -> "DecoupleResult":
-        from safetensors.torch import load_file
+        from .results import read_result
 
-        out_dir = Path(out_dir)
-        js = read_json(out_dir / "decouple.json")
-        if js.get("kind") != "decouple_result":
-            raise CaplocError(f"{out_dir}/decouple.json is not a caploc decoupling result (kind={js.get('kind')!r})")
-        tp = out_dir / "decouple.safetensors"
-        if not tp.exists():
-            raise CaplocError(f"{tp} is missing: the decoupling result directory is incomplete")
-        t = load_file(str(tp))
+        js, t = read_result(out_dir, "decouple.json", "decouple_result", "decoupling result", "decouple.safetensors")
         doms = {}
         for name, d in js["domains"].items():
             off = t[f"{name}.offsets"].numpy()

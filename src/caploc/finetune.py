@@ -742,16 +742,12 @@ class FinetuneResult:
 
     @classmethod
     def load(cls, out_dir: Path | str) -> "FinetuneResult":
-        from safetensors.torch import load_file
+        from .results import read_result
 
         out_dir = Path(out_dir)
-        d = read_json(out_dir / "results.json")
-        if d.get("kind") != "finetune_result":
-            raise CaplocError(f"{out_dir} is not a caploc finetune result directory")
-        per = {}
-        tpath = out_dir / "curves.safetensors"
-        if tpath.exists():
-            per = {k[4:]: v.numpy() for k, v in load_file(str(tpath)).items() if k.startswith("nll|")}
+        d, t = read_result(out_dir, "results.json", "finetune_result", "finetune result", "curves.safetensors",
+                           tensors_required=False)
+        per = {k[4:]: v.numpy() for k, v in t.items() if k.startswith("nll|")}
         return cls(config=d["config"], arms=[ArmResult(**a) for a in d["arms"]], untuned=d["untuned"],
                    datasets=d["datasets"], comparisons=d["comparisons"], specificity=d["specificity"],
                    claims=d["claims"], meta=d["meta"], per_sample=per, out_dir=str(out_dir))

@@ -455,18 +455,10 @@ class InterventionResult:
 
     @classmethod
     def load(cls, out_dir: Path | str) -> "InterventionResult":
-        from safetensors.torch import load_file
-
-        from .results import read_json
+        from .results import read_result
 
         out_dir = Path(out_dir)
-        meta = read_json(out_dir / "intervene.json")
-        if meta.get("kind") != "intervention":
-            raise CaplocError(f"{out_dir} is not a caploc intervention directory (kind={meta.get('kind')!r})")
-        tpath = out_dir / "intervene.safetensors"
-        if not tpath.exists():
-            raise CaplocError(f"{tpath} is missing: the intervention directory is incomplete")
-        t = load_file(str(tpath))
+        meta, t = read_result(out_dir, "intervene.json", "intervention", "intervention", "intervene.safetensors")
         parts: dict[str, dict] = {"tokens": {}, "base": {}, "sums": {}, "base_correct": {}, "correct": {}, "set": {}}
         for name, v in t.items():
             kind, key = name.split("|", 1)

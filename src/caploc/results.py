@@ -76,6 +76,29 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def read_result(out_dir: Path | str, json_name: str, kind: str, what: str, tensors_name: str | None = None,
+                *, tensors_required: bool = True) -> tuple[dict, dict]:
+    """Read a result directory written by caploc: its JSON file (whose ``kind`` must be ``kind``) and, if named, its
+    safetensors file -> (json, {name: tensor}). Wrong or missing files raise one-line errors naming ``what``."""
+    out_dir = Path(out_dir)
+    jp = out_dir / json_name
+    if not jp.exists():
+        raise CaplocError(f"{jp} is missing: {out_dir} is not a caploc {what} directory")
+    js = read_json(jp)
+    if js.get("kind") != kind:
+        raise CaplocError(f"{out_dir} is not a caploc {what} directory ({json_name} has kind={js.get('kind')!r})")
+    tensors: dict = {}
+    if tensors_name:
+        tp = out_dir / tensors_name
+        if tp.exists():
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(tp))
+        elif tensors_required:
+            raise CaplocError(f"{tp} is missing: the {what} directory is incomplete")
+    return js, tensors
+
+
 def config_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
 

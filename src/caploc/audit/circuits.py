@@ -67,7 +67,7 @@ from torch import nn
 from .. import __version__
 from ..errors import ArchitectureError, CaplocError, DataError
 from ..hooks import frozen
-from ..results import atomic_save_tensors, atomic_write_json, read_json
+from ..results import atomic_save_tensors, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -1066,16 +1066,10 @@ class CircuitAudit:
 
     @classmethod
     def load(cls, out_dir: Path | str) -> "CircuitAudit":
-        from safetensors.torch import load_file
+        from ..results import read_result
 
-        out_dir = Path(out_dir)
-        js = read_json(out_dir / "circuits.json")
-        if js.get("kind") != "circuit_audit":
-            raise CaplocError(f"{out_dir}/circuits.json is not a caploc circuit audit (kind={js.get('kind')!r})")
-        tp = out_dir / "circuits.safetensors"
-        if not tp.exists():
-            raise CaplocError(f"{tp} is missing: the circuit audit directory is incomplete")
-        t = {k: v.numpy() for k, v in load_file(str(tp)).items()}
+        js, t = read_result(out_dir, "circuits.json", "circuit_audit", "circuit audit", "circuits.safetensors")
+        t = {k: v.numpy() for k, v in t.items()}
         return cls(nodes=js["nodes"], edges=t["edges"], node_units=js["node_units"], unit_names=js["unit_names"],
                    unit_sizes=t["unit_sizes"], unit_ranges={k: [tuple(r) for r in v] for k, v in js["unit_ranges"].items()},
                    phrasing_fact=t["phrasing_fact"], phrasing_slot=t["phrasing_slot"], phrasing_text=js["phrasing_text"],
