@@ -132,22 +132,13 @@ def sample_nll(lm, encoded, neurons=None, batch_size: int = 4) -> torch.Tensor:
     """Per-sample mean NLL (nats/token) of the target tokens, teacher-forced; ``neurons`` (pairs) erased if given."""
     import contextlib
 
+    from .evaluate import nll_sums
     from .hooks import erase_neurons
 
-    site = lm.site
-    dev = site.input_device()
-    out = []
-    ctx = erase_neurons(site, neurons) if neurons is not None and len(neurons) else contextlib.nullcontext()
+    ctx = erase_neurons(lm.site, neurons) if neurons is not None and len(neurons) else contextlib.nullcontext()
     with ctx:
-        for chunk, ids, att in _batches(encoded, batch_size, _pad_id(lm)):
-            logits = lm.model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float()
-            logp = torch.log_softmax(logits, -1).cpu()
-            for k, e in enumerate(chunk):
-                P, T = e.prompt_len, len(e.input_ids)
-                tgt = ids[k, P:T]
-                lp = logp[k, P - 1: T - 1].gather(-1, tgt[:, None]).squeeze(-1)
-                out.append(-lp.mean())
-    return torch.stack(out).double()
+        sums, counts = nll_sums(lm, encoded, batch_size=batch_size, progress=False)
+    return torch.from_numpy(sums / counts)
 
 
 def mean_nll(lm, encoded, neurons=None, batch_size: int = 4) -> float:
