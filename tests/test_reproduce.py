@@ -120,3 +120,13 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     seen.clear()
     reproduce(load_study(p), progress=lambda s, w: seen.append((s, w)))
     assert [s for s, w in seen if w == "running"] == ["sweep"]
+
+
+def test_claim_cells_are_readable_and_finetune_verdict_uses_beats():
+    from caploc.reproduce import _holds, _ours
+
+    ft = {"value": -0.0581, "null_mean": -0.0051, "null_sd": 0.001, "z": -52.7, "p": 0.33, "n_null": 2, "beats": True}
+    assert _holds(ft) and not _holds({**ft, "beats": False}) and _holds({"value": True})
+    line = _ours(ft)
+    assert line.startswith("-0.0581; random -0.0051 ± 0.001 (n = 2); z -52.7") and "{" not in line
+    assert _ours({"value": 0.3, "ci": [0.1, 0.5]}) == "0.3 [0.1, 0.5]"

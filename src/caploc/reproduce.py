@@ -406,6 +406,47 @@ def _val(c):
     return c
 
 
+def _num(x) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def _ours(c) -> str:
+    """A claim dict in one readable line: value [CI] vs the random/null distribution, z, p, sizes."""
+    if not isinstance(c, dict):
+        return _num(c)
+    parts = [_num(_val(c))]
+    ci = c.get("ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+        parts[0] += f" [{_num(ci[0])}, {_num(ci[1])}]"
+    mean = c.get("chance", c.get("null_mean"))
+    sd = c.get("chance_sd", c.get("null_sd"))
+    n = c.get("n_random", c.get("n_null"))
+    if mean is not None:
+        parts.append(f"random {_num(mean)}" + (f" ± {_num(sd)}" if sd is not None else "")
+                     + (f" (n = {n})" if n is not None else ""))
+    for key, label in (("z", "z"), ("z_on", "z on"), ("z_off", "z off"), ("p_two_sided", "p"), ("p", "p"),
+                       ("k", "k"), ("dataset", "on"), ("worst_off", "worst off-target"), ("best_method", "best")):
+        if key in c and c[key] is not None:
+            v = c[key]
+            if isinstance(v, dict):  # e.g. {"method": ..., "iou": ..., "ci": [...]}
+                v = ", ".join(f"{kk} {_num(vv) if not isinstance(vv, list) else '[' + ', '.join(map(_num, vv)) + ']'}"
+                              for kk, vv in v.items())
+            else:
+                v = _num(v)
+            parts.append(f"{label}: {v}" if isinstance(c[key], dict) else f"{label} {v}")
+    return "; ".join(parts)
+
+
+def _holds(c) -> bool:
+    return _val(c) is True or (isinstance(c, dict) and (c.get("holds") is True or c.get("beats") is True))
+
+
 def _pct(x):
     return "—" if x is None else f"{100 * float(x):.2f} %"
 
@@ -452,24 +493,22 @@ def claim_table(out: Path, study: Study) -> dict:
         if not found:
             add(claim, "yes", "not run", "not run", None)
         for k, c in found:
-            v = _val(c)
-            txt = json.dumps(c, default=str)[:160] if isinstance(c, dict) else str(c)
-            add(claim + f" ({k.split('/')[-1]} set)", "yes", txt,
-                "reproduced" if v is True or (isinstance(c, dict) and c.get("holds") is True) else "differs", k)
+            add(claim + f" ({k.split('/')[-1]} set)", "yes", "ΔNLL/token " + _ours(c),
+                "reproduced" if _holds(c) else "differs", k)
     spec = [(k, c["specificity"]) for k, c in claims.items() if k.startswith("intervene") and "specificity" in c]
     for k, c in spec:
         add(f"The effect is specific to the capability ({k.split('/')[-1]} set)", "implied",
-            json.dumps(c, default=str)[:160], "see row", k)
+            "specificity index " + _ours(c), "reproduced" if _holds(c) else "differs", k)
 
     ft, src = _find(claims, "finetune", "finetune_beats_random")
     add("Fine-tuning only the neurons beats random neurons", "yes",
-        "not run" if ft is None else json.dumps(ft, default=str)[:160],
-        "not run" if ft is None else ("reproduced" if _val(ft) is True or (isinstance(ft, dict) and ft.get("holds")) else "differs"),
+        "not run" if ft is None else "ΔNLL/token after tuning " + _ours(ft),
+        "not run" if ft is None else ("reproduced" if _holds(ft) else "differs"),
         src)
 
     fl, src = _find(claims, "audit", "facts_localizable")
     add("Individual facts cannot be reliably localized", "low fidelity across paraphrases",
-        "not run" if fl is None else json.dumps(fl, default=str)[:160],
+        "not run" if fl is None else f"facts localizable: {_ours(fl)}",
         "not run" if fl is None else ("reproduced" if _val(fl) is False or (isinstance(fl, dict) and fl.get("value") is False)
                                       else "differs"), src)
 
@@ -477,7 +516,8 @@ def claim_table(out: Path, study: Study) -> dict:
     cm, _ = _find(claims, "decouple", "decoupling_commonality_iou")
     ct, _ = _find(claims, "decouple", "decoupling_content_iou")
     add("Localized sets follow shared commonality, not shared content", "yes",
-        "not run" if fc is None else f"commonality IoU {_val(cm)}, content IoU {_val(ct)}: {json.dumps(fc, default=str)[:100]}",
+        "not run" if fc is None else (f"commonality IoU {_ours(cm)}; content IoU {_ours(ct)}; "
+                                      f"difference {_ours({'value': fc.get('commonality_minus_content'), 'ci': fc.get('ci')}) if isinstance(fc, dict) else fc}"),
         "not run" if fc is None else ("reproduced" if _val(fc) is True else "differs"), src)
     return {"columns": ["paper claim", "paper", "ours", "verdict", "source"], "rows": rows}
 
