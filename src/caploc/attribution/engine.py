@@ -320,12 +320,7 @@ class Attributor:
             try:
                 self._ig_chunk(chunk, suffix, s, mask, pred, labels, cache, recorded, acts, scores, f_rows)
             except RuntimeError as e:  # includes torch.OutOfMemoryError
-                if not _is_oom(e) or n == 1:
-                    raise
-                self._row_cap = max(1, n // 2)
-                self.stats["oom_backoffs"] += 1
-                log.warning("out of memory with %d rows per micro-batch; retrying with %d", n, self._row_cap)
-                _empty_cache()
+                self._row_cap = self._back_off(e, n, "rows per micro-batch")
                 continue
             i += n
 
@@ -353,11 +348,22 @@ class Attributor:
             gap = scores.sum(1) - (f_one - f_zero)
         return SampleScores(scores, f_clean, f_zero, gap, n_tokens=len(plan.input_ids))
 
+    def _back_off(self, e: RuntimeError, n: int, unit: str) -> int:
+        """After ``e`` raised by a batch of ``n``: re-raise unless it is an out-of-memory error that a smaller batch
+        can avoid; else count it, free the cache and return the halved batch size to keep from now on."""
+        if not _is_oom(e) or n == 1:
+            raise e
+        cap = max(1, n // 2)
+        self.stats["oom_backoffs"] += 1
+        log.warning("out of memory with %d %s; retrying with %d", n, unit, cap)
+        _empty_cache()
+        return cap
+
     def _batch_tokens(self) -> int:
         """Below this many row-tokens a micro-batch is so small that merging in lower layers (rows then recompute
-        blocks they share with the clean run) pays for itself: a GPU is launch-bound there, a CPU much less so."""
+        blocks they share with the clean run) pays for itself: an accelerator is launch-bound there, a CPU much less."""
         if self._small_batch is None:
-            self._small_batch = 512 if self.site.input_device().type == "cuda" else 48
+            self._small_batch = 48 if self.site.input_device().type == "cpu" else 512
         return self._small_batch
 
     def _chunk_len(self, rows, i, S, n_pred) -> int:
@@ -451,12 +457,7 @@ class Attributor:
             try:
                 out += self._gxa_batch(items[b : b + n])
             except RuntimeError as e:  # includes torch.OutOfMemoryError
-                if not _is_oom(e) or n == 1:
-                    raise
-                self._gxa_cap = max(1, n // 2)
-                self.stats["oom_backoffs"] += 1
-                log.warning("out of memory with %d samples per batch; retrying with %d", n, self._gxa_cap)
-                _empty_cache()
+                self._gxa_cap = self._back_off(e, n, "samples per batch")
                 continue
             b += n
         return out
