@@ -314,16 +314,14 @@ def test_oom_inside_forward_backs_off_to_the_same_scores(llama):
     model = llama
     site = Site(model)
     ids = list(range(3, 17))
-    cfg = AttributionConfig(steps=3)
-    # 12 rows (3 layers x (3 steps + alpha 0)) -> OOM at 12 and 6 rows -> micro-batches of 3, like max_rows=3
-    # (as on a GPU: small micro-batches take in lower layers, so all 12 rows share one micro-batch at first)
-    ref = Attributor(site, AttributionConfig(steps=3, max_rows=3))
-    ref._small_batch = 512
+    cfg = AttributionConfig(steps=4)
+    # 9 rows with a backward (3 layers x alphas 1/4, 2/4, 3/4; alpha = 1 is the clean run) -> OOM at 9 and 4 rows ->
+    # micro-batches of 2, like max_rows=2 (the 4 forward-only rows then also go 2 at a time)
+    ref = Attributor(site, AttributionConfig(steps=4, max_rows=2))
     ref3 = ref.score(ids, 6)
     oom = _OOMAbove(model.get_output_embeddings(), limit=3)
     try:
         att = Attributor(site, cfg)
-        att._small_batch = 512
         res = att.score(ids, 6)
         res_again = att.score(ids, 6)  # the learnt row cap is kept: no new failure
     finally:
@@ -402,7 +400,8 @@ def test_memory_formula_matches_what_autograd_saves(llama):
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        cfg = AttributionConfig(steps=R, layers=[0], completeness=False, max_rows=R,
+        # R rows with a backward: steps R + 1, as the alpha = 1 point comes from the clean run
+        cfg = AttributionConfig(steps=R + 1, layers=[0], completeness=False, max_rows=R,
                                 positions="all" if P == 0 else "target")
         att = Attributor(site, cfg)
         real = att._ig_chunk

@@ -18,21 +18,30 @@ reference written there):
 * **Causal reuse.** Positions before the first scaled position never see the scaling, so their keys/values are
   computed once (the model's own KV cache) and every IG row runs only the suffix that starts at the first scaled
   position (KN mode: one token).
-* **Layer skipping.** Rows that scale layer ``l`` compute layers ``< l`` exactly as the clean run did; those block
-  outputs are recorded once and replayed, so a row only runs layers ``l..L-1`` and the backward stops at ``l``.
+* **Layer skipping, row by row.** A row that scales layer ``l`` computes layers ``< l`` exactly as the clean run did;
+  those block outputs are recorded once. Inside a micro-batch the rows are ordered by layer and block ``j`` runs only
+  the rows whose layer is ``<= j``; a row *enters* the batch at its own layer from the recorded clean input of that
+  block. So a row only runs layers ``l..L-1``, its backward stops at ``l``, and no row recomputes a layer it shares
+  with the clean run -- while rows of all layers still share one forward/backward (large matmuls).
 * **(layer, step) batching.** Rows (one per layer and IG step) are sorted by layer from the top and packed into
   micro-batches under a memory budget; each row scales its own layer inside one shared forward/backward.
+* **The alpha = 1 point is the clean run.** Its gradient at every layer comes from one backward of the clean forward
+  (as in grad x activation) instead of one row per layer; rows with weight 0 (the alpha = 0 completeness rows) run
+  forward only, without a backward.
 * **LM head only where scored** (``logits_to_keep``), parameters frozen (no weight gradients).
 
-Every sample is guarded: the alpha = 1 rows must reproduce the clean objective; if not (an architecture whose blocks
-do not behave as assumed), the sample is recomputed without reuse and a warning is logged.
+Every sample is guarded: one forward-only alpha = 1 row entering at a middle layer must reproduce the clean objective;
+if not (an architecture whose blocks do not behave as assumed), the sample is recomputed without reuse and a warning is
+logged.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
+import types
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -166,7 +175,7 @@ def _objective(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# replaying recorded block outputs (layer skipping)
+# rows entering the batch at their own layer (layer skipping)
 # --------------------------------------------------------------------------------------------------------------------
 def _expand_like(obj, R: int):
     if torch.is_tensor(obj):
@@ -176,25 +185,74 @@ def _expand_like(obj, R: int):
     return obj
 
 
+def _detach(obj):
+    if torch.is_tensor(obj):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach(o) for o in obj)
+    return obj
+
+
+def _hidden_of(out) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (a tensor, or a tuple whose first item it is)."""
+    return out if torch.is_tensor(out) else out[0]
+
+
+def _get_hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_hidden(args, kwargs, new):
+    if args:
+        return (new, *args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = new
+    return args, kwargs
+
+
+def _enter_rows(forward, n: int, prev: int, clean_in, *args, **kwargs):
+    """Block forward over the first ``n`` rows: the ``prev`` rows already running, plus ``n - prev`` rows entering here
+    from the clean input of this block (the incoming hidden state is that clean input itself when ``prev == 0``)."""
+    h = _get_hidden(args, kwargs)
+    if prev == 0:
+        x = _expand_like(h, n)
+    elif n > prev:
+        x = torch.cat([h, _expand_like(clean_in, n - prev)])
+    else:
+        x = h
+    args, kwargs = _replace_hidden(args, kwargs, x)
+    return forward(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _replay_blocks(site: Site, recorded: dict[int, object], below: int, R: int):
-    """Blocks ``< below`` return their recorded clean outputs (expanded to R rows) instead of computing."""
+def _staggered_blocks(site: Site, recorded: dict[int, object], n_at: list[int]):
+    """Block ``j`` computes only the first ``n_at[j]`` rows (non-decreasing in j); a block no row has reached returns
+    its recorded clean output (batch 1). The model is fed batch-1 inputs; rows fan out where they enter."""
     patched = []  # (block, its previous instance ``forward`` or None)
     try:
-        for j in range(below):
-            blk = site.blocks[j]
-            out = _expand_like(recorded[j], R)
+        prev = 0
+        for j, blk in enumerate(site.blocks):
+            n = n_at[j]
             # an instance attribute shadows the class method; a dispatched model (accelerate device map) already has
-            # one -- its device-moving wrapper -- which must be put back afterwards, not deleted
-            patched.append((blk, blk.__dict__.get("forward")))
-            blk.forward = (lambda *a, _o=out, **k: _o)
+            # one -- its device-moving wrapper -- which must be called, and put back afterwards, not deleted
+            inst = blk.__dict__.get("forward")
+            patched.append((blk, inst))
+            if n == 0:
+                blk.forward = (lambda *a, _o=recorded[j], **k: _o)
+            elif n == prev:
+                continue  # no row enters: the block's own forward
+            else:
+                fwd = inst if inst is not None else types.MethodType(type(blk).forward, blk)
+                clean_in = _hidden_of(recorded[j - 1]) if j > 0 and prev > 0 else None
+                blk.forward = functools.partial(_enter_rows, fwd, n, prev, clean_in)
+            prev = n
         yield
     finally:
-        for blk, prev in reversed(patched):
-            if prev is None:
-                del blk.forward
+        for blk, inst in reversed(patched):
+            if inst is None:
+                blk.__dict__.pop("forward", None)
             else:
-                blk.forward = prev
+                blk.forward = inst
 
 
 @contextlib.contextmanager
@@ -202,7 +260,7 @@ def _record_blocks(site: Site, store: dict[int, object]):
     handles = []
     try:
         for j, blk in enumerate(site.blocks):
-            handles.append(blk.register_forward_hook(lambda m, a, o, _j=j: store.__setitem__(_j, o)))
+            handles.append(blk.register_forward_hook(lambda m, a, o, _j=j: store.__setitem__(_j, _detach(o))))
         yield
     finally:
         for h in handles:
@@ -228,11 +286,18 @@ def _prefix_cache(model, ids: torch.Tensor):
     return cache
 
 
-def _cache_for_rows(cache, R: int):
+def _cache_for_rows(cache, n_at: list[int]):
+    """A copy of the batch-1 prefix cache whose layer ``j`` holds ``n_at[j]`` rows (the rows block j computes)."""
     c = copy.copy(cache)
     c.layers = [copy.copy(layer) for layer in cache.layers]
-    if R > 1:
-        c.batch_repeat_interleave(R)
+    for layer, n in zip(c.layers, n_at):
+        if n > 1:
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if torch.is_tensor(k) and torch.is_tensor(v) and k.dim() == 4 and k.shape[0] == 1 and v.shape[0] == 1:
+                # a broadcast view, no copy: the layer's update concatenates new keys/values into a fresh tensor
+                layer.keys, layer.values = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
+            else:
+                layer.batch_repeat_interleave(n)
     return c
 
 
@@ -257,7 +322,6 @@ class Attributor:
         self._row_cap: int | None = None  # learnt from OOM back-off
         self.stats = {"rows": 0, "forwards": 0, "fallbacks": 0, "oom_backoffs": 0}
         self._gxa_cap: int | None = None  # samples per grad_x_act batch learnt from an out-of-memory error
-        self._small_batch: int | None = None  # see _batch_tokens
 
     # ---- public -------------------------------------------------------------------------------------------------
     def score(self, ids: list[int], prompt_len: int) -> SampleScores:
@@ -287,42 +351,71 @@ class Attributor:
         mask = plan.scaled[s:]  # [S]
         pred = (plan.pred_pos - s).to(dev)
         labels = plan.labels
+        L = site.n_layers
+        alphas, weights = cfg.alpha_points()
+        # with reuse, the alpha = 1 rows are the clean run itself: their gradients come from its backward
+        w_one = sum(w for a, w in zip(alphas, weights) if a == 1.0) if reuse else 0.0
 
-        # clean run: prefix cache, suffix with block outputs and activations recorded
+        # clean run: prefix cache, suffix with block outputs and activations recorded (and alpha = 1 gradients)
         recorded: dict[int, object] = {}
-        acts: dict[int, torch.Tensor] = {}
+        xs: dict[int, torch.Tensor] = {}
+
+        def keep(j, x):
+            if w_one and not x.requires_grad:
+                x = x.detach().requires_grad_(True)  # the lowest scored layer; layers above depend on it
+            xs[j] = x
+            return x if w_one else None
+
+        from ..hooks import neuron_hooks
+
         with torch.no_grad():
             cache = _prefix_cache(model, inp[:s]) if s > 0 else None
-            from ..hooks import capture
-
-            with _record_blocks(site, recorded), capture(site) as cap:
-                out = model(
-                    input_ids=suffix[None], cache=_cache_for_rows(cache, 1) if cache is not None else None,
-                    position_ids=torch.arange(s, s + S, device=dev)[None], use_cache=cache is not None,
-                    logits_to_keep=_keep(pred, S),
-                )
-            acts = {l: cap[l][0].float() for l in self.layers}  # [S, d_mlp]
-            f_clean = float(_objective(out.logits, labels, cfg.objective)[0])
-
-        alphas, weights = cfg.alpha_points()
-        rows: list[tuple[int, float, float]] = []  # (layer, alpha, weight)
-        for l in sorted(self.layers, reverse=True):
-            rows += [(l, a, w) for a, w in zip(alphas, weights)]
-            if cfg.completeness and 0.0 not in alphas:
-                rows.append((l, 0.0, 0.0))
-
+        with torch.enable_grad() if w_one else torch.no_grad(), _record_blocks(site, recorded), neuron_hooks(
+            site, {l: keep for l in self.layers}
+        ):
+            out = model(
+                input_ids=suffix[None], cache=_cache_for_rows(cache, [1] * L) if cache is not None else None,
+                position_ids=torch.arange(s, s + S, device=dev)[None], use_cache=cache is not None,
+                logits_to_keep=_keep(pred, S),
+            )
+            f0 = _objective(out.logits, labels, cfg.objective)[0]
+            grads = torch.autograd.grad(f0, [xs[l] for l in self.layers]) if w_one else None
+        f_clean = float(f0.detach())
+        acts = {l: xs[l][0].detach().float() for l in self.layers}  # [S, d_mlp]
+        del out, xs
         scores = torch.zeros(site.n_layers, site.d_mlp, dtype=torch.float32)
+        m = mask.to(torch.float32)[:, None]
+        if grads is not None:
+            for l, g in zip(self.layers, grads):
+                scores[l] += w_one * (acts[l].cpu() * g[0].float().cpu() * m).sum(0)
+            del grads
+
+        # rows (layer, alpha, weight): with a gradient (weight > 0) or forward only (completeness alpha = 0, guard)
+        grad_rows: list[tuple[int, float, float]] = []
+        fwd_rows: list[tuple[int, float, float]] = []
+        for l in sorted(self.layers, reverse=True):
+            for a, w in zip(alphas, weights):
+                if not (w_one and a == 1.0):
+                    (grad_rows if w else fwd_rows).append((l, a, w))
+            if cfg.completeness and 0.0 not in alphas:
+                fwd_rows.append((l, 0.0, 0.0))
+        guard = self.layers[len(self.layers) // 2]
+        if reuse:  # a forward-only alpha = 1 row entering at a middle layer checks the reuse on this architecture
+            fwd_rows.append((guard, 1.0, 0.0))
+            fwd_rows.sort(key=lambda r: -r[0])
+
         f_rows: dict[tuple[int, float], float] = {}
-        i = 0
-        while i < len(rows):
-            n = self._chunk_len(rows, i, S, len(pred))
-            chunk = rows[i : i + n]
-            try:
-                self._ig_chunk(chunk, suffix, s, mask, pred, labels, cache, recorded, acts, scores, f_rows)
-            except RuntimeError as e:  # includes torch.OutOfMemoryError
-                self._row_cap = self._back_off(e, n, "rows per micro-batch")
-                continue
-            i += n
+        for rows, grad in ((grad_rows, True), (fwd_rows, False)):
+            i = 0
+            while i < len(rows):
+                n = self._chunk_len(rows, i, S, len(pred), grad)
+                chunk = rows[i : i + n]
+                try:
+                    self._ig_chunk(chunk, suffix, s, mask, pred, labels, cache, recorded, acts, scores, f_rows, grad)
+                except RuntimeError as e:  # includes torch.OutOfMemoryError
+                    self._row_cap = self._back_off(e, n, "rows per micro-batch")
+                    continue
+                i += n
 
         # guard: alpha = 1 rows must reproduce the clean objective
         ones = [v for (l, a), v in f_rows.items() if a == 1.0]
@@ -359,15 +452,9 @@ class Attributor:
         _empty_cache()
         return cap
 
-    def _batch_tokens(self) -> int:
-        """Below this many row-tokens a micro-batch is so small that merging in lower layers (rows then recompute
-        blocks they share with the clean run) pays for itself: an accelerator is launch-bound there, a CPU much less."""
-        if self._small_batch is None:
-            self._small_batch = 48 if self.site.input_device().type == "cpu" else 512
-        return self._small_batch
-
-    def _chunk_len(self, rows, i, S, n_pred) -> int:
-        """How many rows from ``i`` fit the memory budget (rows are sorted by layer, top first)."""
+    def _chunk_len(self, rows, i, S, n_pred, grad: bool = True) -> int:
+        """How many rows from ``i`` fit the memory budget (rows are sorted by layer, top first). A row costs what its
+        own layers keep: rows enter the micro-batch at their layer, so no row pays for a lower one."""
         site, cfg = self.site, self.cfg
         cap = min(cfg.max_rows, self._row_cap or cfg.max_rows)
         el = 2 if _is_low_precision(self.model) else 4
@@ -375,46 +462,38 @@ class Attributor:
         L = site.n_layers
         heads = int(getattr(self.model.config, "num_attention_heads", None) or getattr(self.model.config, "n_head", 8))
         prefix = self._prefix_len
-        n = 0
-        needed = 0  # layer-passes the rows in the chunk need: sum_r (L - l_r)
+        per_layer = 12 * site.d_model + 4 * site.d_mlp + 2 * heads * (prefix + S)  # per token, kept for the backward
+        budget = cfg.memory_mb * 2**20
+        n, total = 0, 0
         while i + n < len(rows) and n < cap:
-            l_min = rows[i + n][0]
-            depth = L - l_min
-            # per row: saved activations ~ (12 d_model + 4 d_mlp) per token per layer, attention scores
-            # (heads x S x (prefix + S) per layer), the row's copy of the prefix KV cache, and the scored logits
-            per_row = (S * depth * (12 * site.d_model + 4 * site.d_mlp + 2 * heads * (prefix + S))
-                       + 2 * prefix * site.d_model * L + 3 * n_pred * vocab) * el
-            if n > 0 and (n + 1) * per_row > cfg.memory_mb * 2**20:
+            depth = L - rows[i + n][0] if self._replay else L
+            # saved activations of its layers (forward only: one layer's worth at a time), its copy of the prefix
+            # KV cache in those layers, and its scored logits (+ softmax and gradient)
+            row = (S * (depth if grad else 1) * per_layer + 2 * prefix * site.d_model * depth
+                   + 3 * n_pred * vocab) * el
+            if n > 0 and total + row > budget:
                 break
-            # every row of a chunk runs from the chunk's lowest layer: only take a lower layer in while the rows are
-            # small (batching pays) or the wasted layer passes stay under 25 %
-            if n > 0 and l_min != rows[i + n - 1][0]:
-                nxt_needed = needed + sum(L - r[0] for r in rows[i + n :] if r[0] == l_min)
-                n_nxt = n + sum(1 for r in rows[i + n :] if r[0] == l_min)
-                if (n_nxt * S > self._batch_tokens()) and n_nxt * depth > 1.25 * nxt_needed:
-                    break
-            needed += depth
+            total += row
             n += 1
         return max(n, 1)
 
-    def _ig_chunk(self, chunk, suffix, s, mask, pred, labels, cache, recorded, acts, scores, f_rows):
+    def _ig_chunk(self, chunk, suffix, s, mask, pred, labels, cache, recorded, acts, scores, f_rows, grad=True):
         site, model, cfg = self.site, self.model, self.cfg
-        R, S = len(chunk), len(suffix)
+        chunk = sorted(chunk, key=lambda c: c[0])  # by layer, bottom first: block j runs the rows of layers <= j
+        R, S, L = len(chunk), len(suffix), site.n_layers
         dev = suffix.device
         row_layer = torch.tensor([c[0] for c in chunk])
         row_alpha = torch.tensor([c[1] for c in chunk], dtype=torch.float32)
-        l_min = int(row_layer.min())
+        n_at = [int((row_layer <= j).sum()) for j in range(L)] if self._replay else [R] * L
         xs: dict[int, torch.Tensor] = {}
 
         def make_hook(j):
-            sel = row_layer == j
-
-            def fn(_l, x):  # x [R, S, d_mlp]
-                coef = torch.where(sel, row_alpha, torch.ones_like(row_alpha)).to(device=x.device, dtype=x.dtype)
-                m = mask.to(x.device)
-                scale = torch.where(m[None, :], coef[:, None], torch.ones((), dtype=x.dtype, device=x.device))
+            def fn(_l, x):  # x [n_at[j], S, d_mlp]
+                k = x.shape[0]
+                coef = torch.where(row_layer[:k] == j, row_alpha[:k], torch.ones(k)).to(device=x.device, dtype=x.dtype)
+                scale = torch.where(mask.to(x.device)[None, :], coef[:, None], torch.ones((), dtype=x.dtype, device=x.device))
                 xn = x * scale[:, :, None]
-                if not xn.requires_grad:
+                if grad and not xn.requires_grad:
                     xn.requires_grad_(True)
                 xs[j] = xn
                 return xn
@@ -424,28 +503,34 @@ class Attributor:
         from ..hooks import neuron_hooks
 
         layers_here = sorted(set(row_layer.tolist()))
-        with torch.enable_grad(), _replay_blocks(site, recorded, l_min if self._replay else 0, R), neuron_hooks(
+        # without reuse: plain full rows (the reference path), no block is touched
+        B = 1 if self._replay else R
+        stagger = _staggered_blocks(site, recorded, n_at) if self._replay else contextlib.nullcontext()
+        with torch.enable_grad() if grad else torch.no_grad(), stagger, neuron_hooks(
             site, {j: make_hook(j) for j in layers_here}
         ):
             out = model(
-                input_ids=suffix[None].expand(R, S),
-                cache=_cache_for_rows(cache, R) if cache is not None else None,
-                position_ids=torch.arange(s, s + S, device=dev)[None].expand(R, S),
+                input_ids=suffix[None].expand(B, S),
+                cache=_cache_for_rows(cache, n_at) if cache is not None else None,
+                position_ids=torch.arange(s, s + S, device=dev)[None].expand(B, S),
                 use_cache=cache is not None,
                 logits_to_keep=_keep(pred, S),
             )
             f = _objective(out.logits, labels, cfg.objective)  # [R]
-            grads = torch.autograd.grad(f.sum(), [xs[j] for j in layers_here])
+            grads = torch.autograd.grad(f.sum(), [xs[j] for j in layers_here]) if grad else None
         self.stats["rows"] += R
         self.stats["forwards"] += 1
-        g_by_layer = dict(zip(layers_here, grads))
         fl = f.detach().float().cpu()
-        m = mask.to(torch.float32)
         for r, (l, a, w) in enumerate(chunk):
             f_rows[(l, a)] = float(fl[r])
+        if grads is None:
+            return
+        m = mask.to(torch.float32)[:, None]
+        g_by_layer = dict(zip(layers_here, grads))
+        for r, (l, a, w) in enumerate(chunk):
             if w:
                 g = g_by_layer[l][r].float().cpu()  # [S, d_mlp]
-                scores[l] += w * (acts[l].cpu() * g * m[:, None]).sum(0)
+                scores[l] += w * (acts[l].cpu() * g * m).sum(0)
 
     # ---- gradient x activation, activation ----------------------------------------------------------------------
     def _gxa(self, items) -> list[SampleScores]:
