@@ -219,3 +219,33 @@ def test_config_validation(kw, msg):
 def test_layer_out_of_range(tiny_models):
     with pytest.raises(CaplocError, match="out of range"):
         Attributor(Site(tiny_models["llama"]), AttributionConfig(layers=[7]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_enter_at_their_own_layer(tiny_models, arch):
+    """Inside one micro-batch block j computes exactly the rows whose scaled layer is <= j (no row recomputes a layer
+    below its own); the alpha = 1 point costs no row (clean run) and weight-0 rows run without a backward."""
+    site = Site(tiny_models[arch])
+    L = site.n_layers
+    ids = list(range(3, 17))
+    batch_sizes: dict[int, list[int]] = {j: [] for j in range(L)}
+    handles = [o.register_forward_pre_hook(lambda m, a, _j=j: batch_sizes[_j].append(a[0].shape[0]))
+               for j, o in enumerate(site.out_projs)]  # the MLP inside block j: the rows the block computes
+    try:
+        att = Attributor(site, AttributionConfig(steps=3, positions="target"))  # alphas 1/3, 2/3, 1 + completeness
+        res = att.score(ids, 6)
+    finally:
+        for h in handles:
+            h.remove()
+    assert att.stats["grad_rows"] == 2 * L  # alphas 1/3 and 2/3 per layer
+    assert att.stats["forward_only_rows"] == L + 1  # alpha = 0 per layer + the guard row
+    assert att.stats["forwards"] == 2  # one micro-batch each
+    # calls per block: prefix cache (1 row), clean run (1 row), then the grad and the forward-only micro-batch
+    guard = L // 2
+    for j in range(L):
+        grad_rows = 2 * (j + 1)
+        fwd_rows = (j + 1) + (1 if j >= guard else 0)
+        assert batch_sizes[j] == [1, 1, grad_rows, fwd_rows], (j, batch_sizes[j])
+    ref = Attributor(site, AttributionConfig(steps=3, positions="target", reuse=False)).score(ids, 6)
+    assert _rel(res.scores, ref.scores) <= 1e-5
+    assert torch.allclose(res.gap, ref.gap, atol=1e-5) and torch.allclose(res.f_zero, ref.f_zero, atol=1e-5)

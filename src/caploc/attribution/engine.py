@@ -320,7 +320,8 @@ class Attributor:
                 raise CaplocError(f"layer {l} is out of range: the model has layers 0..{site.n_layers - 1}")
         self.layers = layers
         self._row_cap: int | None = None  # learnt from OOM back-off
-        self.stats = {"rows": 0, "forwards": 0, "fallbacks": 0, "oom_backoffs": 0}
+        self.stats = {"rows": 0, "grad_rows": 0, "forward_only_rows": 0, "forwards": 0, "fallbacks": 0,
+                      "oom_backoffs": 0}
         self._gxa_cap: int | None = None  # samples per grad_x_act batch learnt from an out-of-memory error
 
     # ---- public -------------------------------------------------------------------------------------------------
@@ -519,6 +520,7 @@ class Attributor:
             f = _objective(out.logits, labels, cfg.objective)  # [R]
             grads = torch.autograd.grad(f.sum(), [xs[j] for j in layers_here]) if grad else None
         self.stats["rows"] += R
+        self.stats["grad_rows" if grad else "forward_only_rows"] += R
         self.stats["forwards"] += 1
         fl = f.detach().float().cpu()
         for r, (l, a, w) in enumerate(chunk):
