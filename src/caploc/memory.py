@@ -13,8 +13,9 @@ weights                 ``n_params * e``
 sample state (batch 1)  prefix KV cache ``2 L kv P e``; recorded block outputs ``L S d e``; the clean neuron
                         activations of every layer ``L S m e``, plus fp32 copies for the ``k`` scored layers when
                         ``e < 4`` (``k S m 4``)
-KV cache x rows         ``R 2 kv (L P + D S) e``: every layer holds the prefix repeated per row, run layers also the
-                        suffix. When the attention repeats K/V for grouped-query heads (eager attention always; SDPA
+KV cache x rows         ``R 2 kv D (P + S) e``: each run layer concatenates the prefix (a broadcast view of the
+                        batch-1 cache until then) with the rows' suffix keys/values. An upper bound: rows enter the
+                        micro-batch at their own layer, so a row of layer ``l' > l`` runs only ``L - l'`` layers. When the attention repeats K/V for grouped-query heads (eager attention always; SDPA
                         when there is a mask, i.e. with a prefix) the repeated copies are saved too:
                         ``R (D-1) 2 H hd (P+S) e``, and SDPA with a mask saves the mask: ``R (D-1) S (P+S) e``
 saved for backward      ``R S (D-1) a`` with ``a`` bytes per token per layer (below), the final norm's input
@@ -159,7 +160,7 @@ def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype
     terms = {
         "weights": s.n_params * e if include_weights else 0,
         "sample_state": 2 * L * kv * P * e + L * S * d * e + L * S * m * e + (k * S * m * 4 if e < 4 else 0),
-        "kv_cache": R * 2 * kv * (L * P + D * S) * e,
+        "kv_cache": R * 2 * kv * D * (P + S) * e,
         "saved_activations": R * S * (D - 1) * activation_bytes_per_token_layer(s, dtype, attn) + R * S * d * 4
         + attn_extra,
         "logits": R * n * s.vocab * (12 + e),
