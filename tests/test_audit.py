@@ -139,6 +139,51 @@ def test_trace_reuse_matches_plain_other_archs(arch):
     assert torch.allclose(a.p_restored, b.p_restored, atol=1e-6)
 
 
+def test_trace_rows_enter_at_their_layer_windows_and_chunks(llama, gpt2):
+    """Rows of all layers in one forward, entering at their lowest restored layer (window 3 restores 3 layers; tiny
+    chunks split a position's rows) = the plain loop; each block computes only the rows that have entered."""
+    for lm in (llama, gpt2):
+        ids = _ids(lm)
+        sp = subject_positions(lm.tokenizer, PROMPT, ids, SUBJECT)
+        L = lm.site.n_layers
+        for extra in (dict(window=3), dict(max_rows=5)):
+            cfg = dict(n_noise=2, kinds=("mlp", "attn", "hidden"), **extra)
+            rows_seen: dict[int, list[int]] = {j: [] for j in range(L)}
+            handles = [m.register_forward_pre_hook(lambda mod, a, _j=j: rows_seen[_j].append(a[0].shape[0]))
+                       for j, m in enumerate(lm.site.out_projs)]
+            try:
+                a = Tracer(lm.site, TracingConfig(**cfg)).trace(ids, 50, sp, seed=1)
+            finally:
+                for h in handles:
+                    h.remove()
+            b = Tracer(lm.site, TracingConfig(reuse=False, **cfg)).trace(ids, 50, sp, seed=1)
+            assert not a.fallback
+            assert torch.allclose(a.p_restored, b.p_restored, atol=1e-6, equal_nan=True), extra
+            if "window" in extra:  # one forward per restored position; block j computes the rows entering at <= j
+                n_pos = len(a.positions)
+                for j in range(L):
+                    # rows: mlp/attn of layer l enter at max(0, l - 1), hidden at l; the 2 check rows at L // 2
+                    n_at = 2 * (2 * min(j + 2, L) + (j + 1)) + (2 if j >= L // 2 else 0)
+                    # other calls: the clean run (1 row), the corrupted run and the prefix caches (2 rows)
+                    assert [r for r in rows_seen[j] if r > 2] == [n_at] * n_pos, (j, rows_seen[j])
+        assert count_hooks(lm.model) == 0
+
+
+def test_trace_falls_back_when_entering_rows_are_wrong(llama, monkeypatch):
+    from caploc.attribution import engine as eng
+
+    ids = _ids(llama)
+    sp = subject_positions(llama.tokenizer, PROMPT, ids, SUBJECT)
+    cfg = dict(n_noise=2, tokens="key", kinds=("mlp",))
+    good = Tracer(llama.site, TracingConfig(reuse=False, **cfg)).trace(ids, 50, sp, seed=2)
+    real = eng._rows_of
+    monkeypatch.setattr(eng, "_rows_of", lambda t, lo, hi: real(t, lo, hi) + 1.0)  # (a scale would be normed away)
+    tr = Tracer(llama.site, TracingConfig(**cfg))
+    bad = tr.trace(ids, 50, sp, seed=2)
+    assert bad.fallback and tr.stats["fallbacks"] == 1
+    assert torch.allclose(bad.p_restored, good.p_restored, atol=1e-6)
+
+
 def test_mlp_and_attn_patch_write_clean_values(llama):
     lm = llama
     ids = _ids(lm)

@@ -177,14 +177,6 @@ def _objective(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.T
 # --------------------------------------------------------------------------------------------------------------------
 # rows entering the batch at their own layer (layer skipping)
 # --------------------------------------------------------------------------------------------------------------------
-def _expand_like(obj, R: int):
-    if torch.is_tensor(obj):
-        return obj.expand(R, *obj.shape[1:]) if obj.dim() > 0 and obj.shape[0] == 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(_expand_like(o, R) for o in obj)
-    return obj
-
-
 def _detach(obj):
     if torch.is_tensor(obj):
         return obj.detach()
@@ -210,14 +202,20 @@ def _replace_hidden(args, kwargs, new):
     return args, kwargs
 
 
-def _enter_rows(forward, n: int, prev: int, clean_in, *args, **kwargs):
-    """Block forward over the first ``n`` rows: the ``prev`` rows already running, plus ``n - prev`` rows entering here
-    from the clean input of this block (the incoming hidden state is that clean input itself when ``prev == 0``)."""
+def _rows_of(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo..hi-1`` of a per-row tensor, or of a batch-1 tensor shared by every row (a broadcast view)."""
+    return t[lo:hi] if t.shape[0] > 1 else t.expand(hi - lo, *t.shape[1:])
+
+
+def _enter_rows(forward, n: int, prev: int, src, entry, *args, **kwargs):
+    """Block forward over the first ``n`` rows: the ``prev`` rows already running plus rows ``prev..n-1`` entering here
+    from ``src``, this block's recorded input. With ``prev == 0`` the incoming hidden state is that input itself, or
+    ``entry`` (per-row inputs of the first block) when given."""
     h = _get_hidden(args, kwargs)
     if prev == 0:
-        x = _expand_like(h, n)
+        x = _rows_of(entry if entry is not None else h, 0, n)
     elif n > prev:
-        x = torch.cat([h, _expand_like(clean_in, n - prev)])
+        x = torch.cat([h, _rows_of(src, prev, n)])
     else:
         x = h
     args, kwargs = _replace_hidden(args, kwargs, x)
@@ -225,9 +223,11 @@ def _enter_rows(forward, n: int, prev: int, clean_in, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def _staggered_blocks(site: Site, recorded: dict[int, object], n_at: list[int]):
-    """Block ``j`` computes only the first ``n_at[j]`` rows (non-decreasing in j); a block no row has reached returns
-    its recorded clean output (batch 1). The model is fed batch-1 inputs; rows fan out where they enter."""
+def _staggered_blocks(site: Site, outputs: dict[int, object], n_at: list[int], entry: torch.Tensor | None = None):
+    """Block ``j`` computes only the first ``n_at[j]`` rows (non-decreasing in j); rows enter at the first block that
+    computes them, from the recorded output of the block below (``outputs[j - 1]``, batch 1 = shared by all rows, or
+    one entry per row; ``entry``: the first block's per-row input, else the model's own); a block no row has reached
+    returns ``outputs[j]`` without computing."""
     patched = []  # (block, its previous instance ``forward`` or None)
     try:
         prev = 0
@@ -238,13 +238,13 @@ def _staggered_blocks(site: Site, recorded: dict[int, object], n_at: list[int]):
             inst = blk.__dict__.get("forward")
             patched.append((blk, inst))
             if n == 0:
-                blk.forward = (lambda *a, _o=recorded[j], **k: _o)
+                blk.forward = (lambda *a, _o=outputs[j], **k: _o)
             elif n == prev:
                 continue  # no row enters: the block's own forward
             else:
                 fwd = inst if inst is not None else types.MethodType(type(blk).forward, blk)
-                clean_in = _hidden_of(recorded[j - 1]) if j > 0 and prev > 0 else None
-                blk.forward = functools.partial(_enter_rows, fwd, n, prev, clean_in)
+                src = _hidden_of(outputs[j - 1]) if j > 0 and prev > 0 else None
+                blk.forward = functools.partial(_enter_rows, fwd, n, prev, src, entry if j == 0 else None)
             prev = n
         yield
     finally:

@@ -29,11 +29,13 @@ position. Token classes: ``last`` (the last prompt token), ``last_subject`` (the
 subject token, when it is not the last token), ``other`` (anything else, e.g. the first subject tokens).
 
 Speed (same numbers as the plain loop, checked in the tests): a restoration at (layer l, position t) leaves blocks
-< l and positions < t exactly as in the corrupted run, so (1) blocks < l return their recorded corrupted outputs
-instead of computing ("layer skipping") and (2) positions < t come from a KV cache of the corrupted prefix (one per
-restored position and noise sample), so a row runs only positions t..T-1 (one token for the last token). Rows that
-share (lowest restored layer, position) are batched. Each phrasing checks, for every restored position, that
-unrestored rows under replay + cache reproduce the corrupted run, and otherwise recomputes without reuse (warning).
+< l and positions < t exactly as in the corrupted run, so (1) a row *enters* the forward at its lowest restored layer
+from the recorded corrupted output of the block below (blocks no row has reached return their recorded outputs; the
+same mechanism as the attribution engine's), so rows of all layers share one forward without recomputing any block
+below their own, and (2) positions < t come from a KV cache of the corrupted prefix (one per restored position and
+noise sample), so a row runs only positions t..T-1 (one token for the last token). Rows that share a position are
+batched. Each phrasing checks, for every restored position, that unrestored rows entering at a middle layer reproduce
+the corrupted run, and otherwise recomputes without reuse (warning).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..attribution.engine import _get_hidden, _staggered_blocks
 from ..errors import ArchitectureError, CaplocError, DataError
 from ..models.layouts import Site
 
@@ -70,12 +73,8 @@ class TracingConfig:
     kinds: tuple[str, ...] = KINDS  # which states are restored
     tokens: str = "subject"  # subject (subject tokens + last token) | key (last subject token + last token) | all
     window: int = 1  # layers restored together for mlp / attn (ROME's figures: 10)
-    reuse: bool = True  # layer skipping (replay of corrupted blocks below the restored layer)
+    reuse: bool = True  # layer skipping (rows enter the batch at their restored layer) + prefix cache
     max_rows: int = 256  # rows per forward pass
-    # restoration rows of neighbouring layers share one forward until it holds this many rows (blocks below the band's
-    # lowest layer replay the corrupted run; rows of higher layers recompute a few blocks, which changes no number):
-    # small forwards of a few rows are bound by reading the weights, not by arithmetic
-    band_rows: int = 48
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -89,8 +88,8 @@ class TracingConfig:
             raise CaplocError(f"n_noise must be a positive integer, got {self.n_noise!r}")
         if not isinstance(self.window, int) or self.window < 1:
             raise CaplocError(f"window must be a positive integer, got {self.window!r}")
-        if self.max_rows < 1 or self.band_rows < 1:
-            raise CaplocError("max_rows and band_rows must be positive")
+        if self.max_rows < 1:
+            raise CaplocError("max_rows must be positive")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -164,36 +163,19 @@ def _replace_first(out, new):
 
 
 @contextlib.contextmanager
-def _hooks(pairs) -> Iterator[None]:
-    """pairs: (module, forward_hook) -> registered for the duration; removed in ``finally``."""
+def _hooks(pairs, pre=()) -> Iterator[None]:
+    """pairs: (module, forward_hook), pre: (module, forward_pre_hook with kwargs) -> registered for the duration;
+    removed in ``finally``."""
     handles = []
     try:
         for mod, fn in pairs:
             handles.append(mod.register_forward_hook(fn))
+        for mod, fn in pre:
+            handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
         yield
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def _replay(site: Site, recorded: dict[int, object], below: int, row_noise: torch.Tensor,
-            start: int = 0) -> Iterator[None]:
-    """Blocks < ``below`` return their recorded corrupted outputs (rows picked by ``row_noise``, positions from
-    ``start`` on) without computing."""
-    patched = []
-    try:
-        for j in range(below):
-            rec = recorded[j]
-            first = _first(rec)
-            out = _replace_first(rec, first.index_select(0, row_noise.to(first.device))[:, start:])
-            blk = site.blocks[j]
-            blk.forward = (lambda *a, _o=out, **k: _o)  # instance attribute shadows the class method
-            patched.append(blk)
-        yield
-    finally:
-        for blk in patched:
-            del blk.forward
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -351,7 +333,7 @@ class Tracer:
             noise: torch.Tensor | None, row_noise: torch.Tensor | None = None,
             patches: dict[tuple[str, int], list[tuple[int, int]]] | None = None,
             clean: dict[tuple[str, int], torch.Tensor] | None = None,
-            replay: tuple[int, dict[int, object]] | None = None,
+            recorded: dict[int, object] | None = None, enter: list[int] | None = None,
             record: dict | None = None, n_rows: int | None = None, start: int = 0,
             cache=None) -> torch.Tensor:
         """P(target) at the last position for R rows of the same prompt.
@@ -360,8 +342,10 @@ class Tracer:
                    (``row_noise[r] < 0``: no noise). None: no noise at all (clean rows).
         patches:   {(kind, layer): [(row, position), ...]}: after that module runs, its output at (row, position) is
                    overwritten with ``clean[(kind, layer)][position]``.
-        replay:    (below, recorded corrupted block outputs): blocks < below return the recorded outputs, row r
-                   taking noise sample ``row_noise[r]``.
+        recorded, enter: layer skipping. Rows are ordered by the layer they enter at; block j computes rows
+                   ``0..enter[j]-1`` only. A row enters from ``recorded`` (the corrupted run's block outputs, one per
+                   noise sample, and its first-block input at key -1) at its sample ``row_noise[r]``; blocks no row
+                   has reached return those outputs. The model itself then reads a batch-1 clean input.
         record:    if a dict, filled with {(kind, layer): output first element [R, T, d]} for every kind in
                    ``self.cfg.kinds`` plus "hidden", and {"block", layer: raw block output}.
         start, cache: run only positions ``start..T-1`` on top of ``cache`` (a KV cache of positions < start with
@@ -379,8 +363,8 @@ class Tracer:
         sp = torch.as_tensor([subject_pos[c] - start for c in sub_cols], dtype=torch.long)
         if noise is not None:
             noise = noise[:, sub_cols]
-        hooks = []
-        if noise is not None and len(sub_cols) and bool((row_noise >= 0).any()):
+        hooks, pre = [], []
+        if enter is None and noise is not None and len(sub_cols) and bool((row_noise >= 0).any()):
             rows = (row_noise >= 0).nonzero().flatten()
 
             def emb_hook(mod, args, out, _rows=rows):
@@ -408,18 +392,31 @@ class Tracer:
 
                 hooks.append((self.sites.module(kind, layer), patch_hook))
         if record is not None:
+            pre.append((site.blocks[0], lambda m, a, k: record.__setitem__(("block_in", 0), _get_hidden(a, k))))
             for l in range(self.L):
                 hooks.append((site.blocks[l], lambda m, a, o, _l=l: record.__setitem__(("block", _l), o)))
                 for kind in set(self.cfg.kinds) | {"hidden"}:
                     mod = self.sites.module(kind, l)
                     hooks.append((mod, lambda m, a, o, _k=kind, _l=l: record.__setitem__((_k, _l), _first(o).detach())))
         inp = ids_t[start:][None].expand(R, -1)
-        ctx = (_replay(site, replay[1], replay[0], row_noise, start) if replay is not None and replay[0] > 0
-               else contextlib.nullcontext())
+        ctx = contextlib.nullcontext()
+        if enter is not None:  # every row's input comes from the corrupted run's recordings: a batch-1 clean input
+            if bool((row_noise < 0).any()):
+                raise CaplocError("rows that enter at a layer replay the corrupted run: every row needs a noise sample")
+
+            def rows(t):
+                return t.index_select(0, row_noise.to(t.device))[:, start:]
+
+            outs = {}
+            for j in range(self.L):  # what blocks no row has reached return, and where rows enter from
+                if enter[j] == 0 or (j + 1 < self.L and enter[j + 1] > enter[j] > 0):
+                    outs[j] = _replace_first(recorded[j], rows(_first(recorded[j])))
+            ctx = _staggered_blocks(site, outs, enter, rows(recorded[-1]) if enter[0] > 0 else None)
+            inp = ids_t[start:][None]
         kw = {"cache": cache, "use_cache": True,
               "position_ids": torch.arange(start, len(ids_t), device=dev)[None]} if cache is not None else {
               "use_cache": False}
-        with torch.no_grad(), _hooks(hooks), ctx:
+        with torch.no_grad(), _hooks(hooks, pre), ctx:
             out = model(input_ids=inp, logits_to_keep=1, **kw)
         self.stats["forwards"] += 1
         self.stats["rows"] += R
@@ -448,11 +445,17 @@ class Tracer:
         return cache
 
     @staticmethod
-    def rows_cache(cache, row_noise: torch.Tensor):
-        """A copy of ``cache`` whose rows are ``cache`` rows ``row_noise`` (the original is left untouched)."""
+    def rows_cache(cache, row_noise: torch.Tensor, enter: list[int] | None = None):
+        """A copy of ``cache`` whose rows are ``cache`` rows ``row_noise`` (the original is left untouched); with
+        ``enter``, layer j holds only the first ``enter[j]`` of them (the rows block j computes)."""
         c = copy.copy(cache)
         c.layers = [copy.copy(layer) for layer in cache.layers]
-        c.batch_select_indices(row_noise)
+        if enter is None:
+            c.batch_select_indices(row_noise)
+        else:
+            for layer, n in zip(c.layers, enter):
+                if n > 0:
+                    layer.batch_select_indices(row_noise[:n])
         return c
 
     # ---- full trace of one phrasing ---------------------------------------------------------------------------------
@@ -487,51 +490,44 @@ class Tracer:
         row_noise = torch.arange(n)
         p_rows = self.run(prompt_ids, target_id, subject_pos, noise=noise, row_noise=row_noise, record=rec_c)
         recorded = {l: rec_c[("block", l)] for l in range(self.L)}
+        recorded[-1] = rec_c[("block_in", 0)]  # the corrupted input of the first block
         p_corrupt = float(p_rows.mean())
 
-        # restoration rows: (kind index, layer, position index, noise index), grouped by (lowest restored layer,
-        # restored position): blocks below replay the corrupted run, positions before are a cached prefix
+        # restoration rows (entering layer, kind index, layer, position index, noise index), grouped by restored
+        # position (positions before it are a cached prefix); a row enters the forward at its lowest restored layer
         kinds = list(cfg.kinds)
-        groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+        groups: dict[int, list[tuple[int, int, int, int, int]]] = {}
         for ki, kind in enumerate(kinds):
             for l in layers:
                 low = self.restored_layers(kind, l)[0]
                 for ri, pos in enumerate(positions):
-                    key = (low, pos) if cfg.reuse else (0, 0)
                     for z in range(n):
-                        groups.setdefault(key, []).append((ki, l, ri, z))
-        if cfg.reuse and cfg.band_rows > 1:
-            groups = _merge_bands(groups, cfg.band_rows)
+                        groups.setdefault(pos if cfg.reuse else 0, []).append((low, ki, l, ri, z))
+        if cfg.reuse:  # check rows: unrestored rows entering at a middle layer must reproduce the corrupted run
+            for rows in groups.values():
+                rows += [(self.L // 2, -1, -1, -1, z) for z in range(n)]
         sums = torch.zeros(len(kinds), self.L, len(positions), dtype=torch.float64)
         counts = torch.zeros_like(sums)
-        # one replay check per restored position: unrestored rows must reproduce the corrupted run
-        checks = {}
-        for below, pos in groups:
-            if below > 0 or pos > 0:
-                checks[pos] = max(checks.get(pos, (-1, pos)), (below, pos))
-        check_keys = set(checks.values())
         prefix: dict[int, object] = {}
         fallback = False
-        for key in sorted(groups):
-            below, pos = key
-            rows = groups[key]
-            extra = [(-1, -1, -1, z) for z in range(n)] if key in check_keys else []
-            allrows = rows + extra
+        for pos in sorted(groups):
+            rows = sorted(groups[pos], key=lambda r: r[0])
             if pos > 0 and pos not in prefix:
                 prefix[pos] = self.prefix_cache(prompt_ids, subject_pos, noise, pos)
-            for c0 in range(0, len(allrows), cfg.max_rows):
-                chunk = allrows[c0 : c0 + cfg.max_rows]
+            for c0 in range(0, len(rows), cfg.max_rows):
+                chunk = rows[c0 : c0 + cfg.max_rows]
                 rn = torch.tensor([z for *_, z in chunk], dtype=torch.long)
+                enter = [sum(1 for r in chunk if r[0] <= j) for j in range(self.L)] if cfg.reuse else None
                 patches: dict[tuple[str, int], list[tuple[int, int]]] = {}
-                for r, (ki, l, ri, _z) in enumerate(chunk):
+                for r, (_low, ki, l, ri, _z) in enumerate(chunk):
                     if ki < 0:
                         continue
                     for ll in self.restored_layers(kinds[ki], l):
                         patches.setdefault((kinds[ki], ll), []).append((r, positions[ri]))
-                cache = self.rows_cache(prefix[pos], rn) if pos > 0 else None
+                cache = self.rows_cache(prefix[pos], rn, enter) if pos > 0 else None
                 p = self.run(prompt_ids, target_id, subject_pos, noise=noise, row_noise=rn, patches=patches,
-                             clean=clean, replay=(below, recorded) if below > 0 else None, start=pos, cache=cache)
-                for r, (ki, l, ri, z) in enumerate(chunk):
+                             clean=clean, recorded=recorded if enter else None, enter=enter, start=pos, cache=cache)
+                for r, (_low, ki, l, ri, z) in enumerate(chunk):
                     if ki < 0:
                         ref = float(p_rows[z])
                         if abs(float(p[r]) - ref) > 1e-4 + 1e-3 * abs(ref):
@@ -555,28 +551,6 @@ class Tracer:
         return PhrasingTrace(p_clean=p_clean, p_corrupt=p_corrupt, p_corrupt_rows=[float(x) for x in p_rows],
                              p_restored=p_restored, kinds=kinds, positions=positions, classes=classes,
                              subject_pos=list(subject_pos), n_tokens=T, noise_sd=self.noise_sd)
-
-
-def _merge_bands(groups: dict, band_rows: int) -> dict:
-    """Merge restoration groups {(lowest restored layer, position): rows} of the same position over consecutive
-    layers until a band holds >= ``band_rows`` rows; a band is keyed by its lowest layer (replayed below it)."""
-    out: dict = {}
-    by_pos: dict[int, list[int]] = {}
-    for below, pos in groups:
-        by_pos.setdefault(pos, []).append(below)
-    for pos, lows in by_pos.items():
-        band: list = []
-        start = None
-        for below in sorted(lows):
-            if start is None:
-                start = below
-            band += groups[(below, pos)]
-            if len(band) >= band_rows:
-                out[(start, pos)] = band
-                band, start = [], None
-        if band:
-            out[(start, pos)] = band
-    return out
 
 
 def uniform_same_layer_chance(n_layers: int) -> float:
