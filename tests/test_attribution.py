@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from caploc import blocks
 from caploc.attribution import engine as eng
 from caploc.attribution.engine import AttributionConfig, Attributor
 from caploc.errors import CaplocError
@@ -171,8 +172,8 @@ def test_reuse_mismatch_falls_back(tiny_models, monkeypatch):
     ids = list(range(3, 15))
     cfg = AttributionConfig(steps=2, max_rows=3)  # one layer per micro-batch, so layers 1, 2 replay blocks below
     good = Attributor(site, cfg).score(ids, 6)
-    real = eng._rows_of
-    monkeypatch.setattr(eng, "_rows_of", lambda t, lo, hi: real(t, lo, hi) * 1.5)  # rows entering a micro-batch
+    real = blocks.rows_of
+    monkeypatch.setattr(blocks, "rows_of", lambda t, lo, hi: real(t, lo, hi) * 1.5)  # rows entering a micro-batch
     bad = Attributor(site, cfg).score(ids, 6)
     assert bad.fallback
     assert torch.allclose(bad.scores, good.scores, rtol=1e-4, atol=1e-6)

@@ -170,14 +170,14 @@ def test_trace_rows_enter_at_their_layer_windows_and_chunks(llama, gpt2):
 
 
 def test_trace_falls_back_when_entering_rows_are_wrong(llama, monkeypatch):
-    from caploc.attribution import engine as eng
+    from caploc import blocks
 
     ids = _ids(llama)
     sp = subject_positions(llama.tokenizer, PROMPT, ids, SUBJECT)
     cfg = dict(n_noise=2, tokens="key", kinds=("mlp",))
     good = Tracer(llama.site, TracingConfig(reuse=False, **cfg)).trace(ids, 50, sp, seed=2)
-    real = eng._rows_of
-    monkeypatch.setattr(eng, "_rows_of", lambda t, lo, hi: real(t, lo, hi) + 1.0)  # (a scale would be normed away)
+    real = blocks.rows_of
+    monkeypatch.setattr(blocks, "rows_of", lambda t, lo, hi: real(t, lo, hi) + 1.0)  # (a scale would be normed away)
     tr = Tracer(llama.site, TracingConfig(**cfg))
     bad = tr.trace(ids, 50, sp, seed=2)
     assert bad.fallback and tr.stats["fallbacks"] == 1

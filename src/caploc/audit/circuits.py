@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..blocks import get_hidden, replace_hidden
 from ..errors import ArchitectureError, CaplocError, DataError
 from ..hooks import frozen
 from ..results import atomic_save_tensors, atomic_write_json
@@ -197,7 +198,7 @@ class NodeGraph:
                     handles.append(c.register_forward_hook(keep(f"norm{l}.{j}"), with_kwargs=True))
 
             def leaf(m, args, kwargs):
-                return _replace_hidden(args, kwargs, _get_hidden(args, kwargs).detach().requires_grad_(True))
+                return replace_hidden(args, kwargs, get_hidden(args, kwargs).detach().requires_grad_(True))
 
             handles.append(site.blocks[0].register_forward_pre_hook(leaf, with_kwargs=True))
             vocab = model.get_input_embeddings().weight.shape[0]
@@ -382,18 +383,6 @@ def _qkv_ranges(qkv, pname, H, KV, hd, model_type):
             "v": lambda g: rows(by["v"], g * hd, (g + 1) * hd)}
 
 
-def _get_hidden(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _replace_hidden(args, kwargs, new):
-    if args:
-        return (new, *args[1:]), kwargs
-    kwargs = dict(kwargs)
-    kwargs["hidden_states"] = new
-    return args, kwargs
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # hooks: record node activations, replace the embedding-node output, mean-ablate nodes
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,7 +410,7 @@ def tap(graph: NodeGraph, rec: dict | None = None, emb: torch.Tensor | None = No
     try:
         def blk_pre(l):
             def fn(m, args, kwargs):
-                x = _get_hidden(args, kwargs)
+                x = get_hidden(args, kwargs)
                 new = None
                 if l == 0 and emb is not None:
                     new = emb.to(device=x.device, dtype=x.dtype).expand_as(x)
@@ -429,7 +418,7 @@ def tap(graph: NodeGraph, rec: dict | None = None, emb: torch.Tensor | None = No
                     new = (new if new is not None else x).detach().requires_grad_(True)
                 if new is not None:
                     put(f"blk_in{l}", new)
-                    return _replace_hidden(args, kwargs, new)
+                    return replace_hidden(args, kwargs, new)
                 put(f"blk_in{l}", x)
                 return None
             return fn
@@ -472,7 +461,7 @@ def tap(graph: NodeGraph, rec: dict | None = None, emb: torch.Tensor | None = No
 
         def mlp_pre(l):
             def fn(m, args, kwargs):
-                put(f"mlp_read{l}", _get_hidden(args, kwargs) if args or "hidden_states" in kwargs
+                put(f"mlp_read{l}", get_hidden(args, kwargs) if args or "hidden_states" in kwargs
                     else next(iter(kwargs.values())))
             return fn
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attribution.engine import _get_hidden, _staggered_blocks
+from ..blocks import get_hidden, staggered_blocks
 from ..errors import ArchitectureError, CaplocError, DataError
 from ..models.layouts import Site
 
@@ -392,7 +392,7 @@ class Tracer:
 
                 hooks.append((self.sites.module(kind, layer), patch_hook))
         if record is not None:
-            pre.append((site.blocks[0], lambda m, a, k: record.__setitem__(("block_in", 0), _get_hidden(a, k))))
+            pre.append((site.blocks[0], lambda m, a, k: record.__setitem__(("block_in", 0), get_hidden(a, k))))
             for l in range(self.L):
                 hooks.append((site.blocks[l], lambda m, a, o, _l=l: record.__setitem__(("block", _l), o)))
                 for kind in set(self.cfg.kinds) | {"hidden"}:
@@ -411,7 +411,7 @@ class Tracer:
             for j in range(self.L):  # what blocks no row has reached return, and where rows enter from
                 if enter[j] == 0 or (j + 1 < self.L and enter[j + 1] > enter[j] > 0):
                     outs[j] = _replace_first(recorded[j], rows(_first(recorded[j])))
-            ctx = _staggered_blocks(site, outs, enter, rows(recorded[-1]) if enter[0] > 0 else None)
+            ctx = staggered_blocks(site, outs, enter, rows(recorded[-1]) if enter[0] > 0 else None)
             inp = ids_t[start:][None]
         kw = {"cache": cache, "use_cache": True,
               "position_ids": torch.arange(start, len(ids_t), device=dev)[None]} if cache is not None else {
