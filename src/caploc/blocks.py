@@ -10,8 +10,10 @@ every architecture whose decoder layers take the hidden state as their first arg
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -56,11 +58,11 @@ def _enter_rows(forward, n: int, prev: int, src, entry, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def staggered_blocks(site: Site, outputs: dict[int, object], n_at: list[int], entry: torch.Tensor | None = None):
+def staggered_blocks(site: Site, output: Callable[[int], object], n_at: list[int], entry: torch.Tensor | None = None):
     """Block ``j`` computes only the first ``n_at[j]`` rows (non-decreasing in j); rows enter at the first block that
-    computes them, from the recorded output of the block below (``outputs[j - 1]``, batch 1 = shared by all rows, or
+    computes them, from the recorded output of the block below (``output(j - 1)``, batch 1 = shared by all rows, or
     one entry per row; ``entry``: the first block's per-row input, else the model's own); a block no row has reached
-    returns ``outputs[j]`` without computing."""
+    returns ``output(j)`` without computing. ``output`` is only called for the blocks that need it."""
     patched = []  # (block, its previous instance ``forward`` or None)
     try:
         prev = 0
@@ -71,12 +73,12 @@ def staggered_blocks(site: Site, outputs: dict[int, object], n_at: list[int], en
             inst = blk.__dict__.get("forward")
             patched.append((blk, inst))
             if n == 0:
-                blk.forward = (lambda *a, _o=outputs[j], **k: _o)
+                blk.forward = (lambda *a, _o=output(j), **k: _o)
             elif n == prev:
                 continue  # no row enters: the block's own forward
             else:
                 fwd = inst if inst is not None else types.MethodType(type(blk).forward, blk)
-                src = hidden_of(outputs[j - 1]) if j > 0 and prev > 0 else None
+                src = hidden_of(output(j - 1)) if j > 0 and prev > 0 else None
                 blk.forward = functools.partial(_enter_rows, fwd, n, prev, src, entry if j == 0 else None)
             prev = n
         yield
@@ -86,3 +88,24 @@ def staggered_blocks(site: Site, outputs: dict[int, object], n_at: list[int], en
                 blk.__dict__.pop("forward", None)
             else:
                 blk.forward = inst
+
+
+def rows_cache(cache, n_at: list[int], index: torch.Tensor | None = None):
+    """A copy of a KV cache (the original is left untouched) whose layer ``j`` holds ``n_at[j]`` rows, the rows block j
+    computes: rows ``index[:n_at[j]]`` of the cache, or, with ``index`` None, its single row repeated (a broadcast
+    view, no copy: a layer's update concatenates new keys/values into a fresh tensor). Layers no row reaches are left
+    as they are."""
+    c = copy.copy(cache)
+    c.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer, n in zip(c.layers, n_at):
+        if n == 0:
+            continue
+        if index is not None:
+            layer.batch_select_indices(index[:n])
+        elif n > 1:
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if torch.is_tensor(k) and torch.is_tensor(v) and k.dim() == 4 and k.shape[0] == 1 and v.shape[0] == 1:
+                layer.keys, layer.values = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
+            else:
+                layer.batch_repeat_interleave(n)
+    return c

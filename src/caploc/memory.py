@@ -15,8 +15,9 @@ sample state (batch 1)  prefix KV cache ``2 L kv P e``; recorded block outputs `
                         ``e < 4`` (``k S m 4``)
 KV cache x rows         ``R 2 kv D (P + S) e``: each run layer concatenates the prefix (a broadcast view of the
                         batch-1 cache until then) with the rows' suffix keys/values. An upper bound: rows enter the
-                        micro-batch at their own layer, so a row of layer ``l' > l`` runs only ``L - l'`` layers. When the attention repeats K/V for grouped-query heads (eager attention always; SDPA
-                        when there is a mask, i.e. with a prefix) the repeated copies are saved too:
+                        micro-batch at their own layer, so a row of layer ``l' > l`` runs only ``L - l'`` layers.
+                        When the attention repeats K/V for grouped-query heads (eager attention always; SDPA when
+                        there is a mask, i.e. with a prefix) the repeated copies are saved too:
                         ``R (D-1) 2 H hd (P+S) e``, and SDPA with a mask saves the mask: ``R (D-1) S (P+S) e``
 saved for backward      ``R S (D-1) a`` with ``a`` bytes per token per layer (below), the final norm's input
                         ``R S d 4``, and eager attention's probabilities ``R (D-1) H S (P+S) (4 [+ e if e < 4])``

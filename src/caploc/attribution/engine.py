@@ -37,7 +37,6 @@ logged.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -45,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import CaplocError, DataError
+from ..blocks import rows_cache, staggered_blocks
 from ..hooks import frozen
-from ..blocks import staggered_blocks
 from ..models.layouts import Site
 
 log = logging.getLogger(__name__)
@@ -215,21 +214,6 @@ def _prefix_cache(model, ids: torch.Tensor):
     return cache
 
 
-def _cache_for_rows(cache, n_at: list[int]):
-    """A copy of the batch-1 prefix cache whose layer ``j`` holds ``n_at[j]`` rows (the rows block j computes)."""
-    c = copy.copy(cache)
-    c.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer, n in zip(c.layers, n_at):
-        if n > 1:
-            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if torch.is_tensor(k) and torch.is_tensor(v) and k.dim() == 4 and k.shape[0] == 1 and v.shape[0] == 1:
-                # a broadcast view, no copy: the layer's update concatenates new keys/values into a fresh tensor
-                layer.keys, layer.values = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
-            else:
-                layer.batch_repeat_interleave(n)
-    return c
-
-
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -304,20 +288,21 @@ class Attributor:
             site, {l: keep for l in self.layers}
         ):
             out = model(
-                input_ids=suffix[None], cache=_cache_for_rows(cache, [1] * L) if cache is not None else None,
+                input_ids=suffix[None], cache=rows_cache(cache, [1] * L) if cache is not None else None,
                 position_ids=torch.arange(s, s + S, device=dev)[None], use_cache=cache is not None,
                 logits_to_keep=_keep(pred, S),
             )
             f0 = _objective(out.logits, labels, cfg.objective)[0]
             grads = torch.autograd.grad(f0, [xs[l] for l in self.layers]) if w_one else None
         f_clean = float(f0.detach())
-        acts = {l: xs[l][0].detach().float() for l in self.layers}  # [S, d_mlp]
+        # clean activations at the scaled positions (0 elsewhere), [S, d_mlp]: Attr = sum_pos act * w * grad
+        m = mask.to(torch.float32)[:, None]
+        acts = {l: xs[l][0].detach().float().cpu() * m for l in self.layers}
         del out, xs
         scores = torch.zeros(site.n_layers, site.d_mlp, dtype=torch.float32)
-        m = mask.to(torch.float32)[:, None]
         if grads is not None:
             for l, g in zip(self.layers, grads):
-                scores[l] += w_one * (acts[l].cpu() * g[0].float().cpu() * m).sum(0)
+                scores[l] += w_one * (acts[l] * g[0].float().cpu()).sum(0)
             del grads
 
         # rows (layer, alpha, weight): with a gradient (weight > 0) or forward only (completeness alpha = 0, guard)
@@ -435,13 +420,13 @@ class Attributor:
         layers_here = sorted(set(row_layer.tolist()))
         # without reuse: plain full rows (the reference path), no block is touched
         B = 1 if self._replay else R
-        stagger = staggered_blocks(site, recorded, n_at) if self._replay else contextlib.nullcontext()
+        stagger = staggered_blocks(site, recorded.__getitem__, n_at) if self._replay else contextlib.nullcontext()
         with torch.enable_grad() if grad else torch.no_grad(), stagger, neuron_hooks(
             site, {j: make_hook(j) for j in layers_here}
         ):
             out = model(
                 input_ids=suffix[None].expand(B, S),
-                cache=_cache_for_rows(cache, n_at) if cache is not None else None,
+                cache=rows_cache(cache, n_at) if cache is not None else None,
                 position_ids=torch.arange(s, s + S, device=dev)[None].expand(B, S),
                 use_cache=cache is not None,
                 logits_to_keep=_keep(pred, S),
@@ -456,12 +441,11 @@ class Attributor:
             f_rows[(l, a)] = float(fl[r])
         if grads is None:
             return
-        m = mask.to(torch.float32)[:, None]
         g_by_layer = dict(zip(layers_here, grads))
         for r, (l, a, w) in enumerate(chunk):
             if w:
                 g = g_by_layer[l][r].float().cpu()  # [S, d_mlp]
-                scores[l] += w * (acts[l].cpu() * g * m).sum(0)
+                scores[l] += w * (acts[l] * g).sum(0)
 
     # ---- gradient x activation, activation ----------------------------------------------------------------------
     def _gxa(self, items) -> list[SampleScores]:

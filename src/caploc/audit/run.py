@@ -199,7 +199,7 @@ def row_set_probs(site, encoded_rows, row_sets, factor, positions: str, pad_id: 
     if positions == "last":
         from transformers import DynamicCache
 
-        from .tracing import Tracer
+        from ..blocks import rows_cache
 
         out = np.zeros(len(encoded_rows))
         by_prompt: dict[tuple, list[int]] = {}
@@ -226,7 +226,7 @@ def row_set_probs(site, encoded_rows, row_sets, factor, positions: str, pad_id: 
 
                 kw = {"use_cache": False}
                 if cache is not None:
-                    kw = {"cache": Tracer.rows_cache(cache, torch.zeros(B, dtype=torch.long)), "use_cache": True,
+                    kw = {"cache": rows_cache(cache, [B] * site.n_layers), "use_cache": True,
                           "position_ids": torch.tensor([[P - 1]], device=dev)}
                 with torch.no_grad(), neuron_hooks(site, {l: make(g) for l, g in gains.items()}):
                     logits = model(input_ids=torch.full((B, 1), prompt[-1], device=dev), logits_to_keep=1, **kw).logits

@@ -40,7 +40,6 @@ the corrupted run, and otherwise recomputes without reuse (warning).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -50,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..blocks import get_hidden, staggered_blocks
+from ..blocks import get_hidden, rows_cache, staggered_blocks
 from ..errors import ArchitectureError, CaplocError, DataError
 from ..models.layouts import Site
 
@@ -407,11 +406,10 @@ class Tracer:
             def rows(t):
                 return t.index_select(0, row_noise.to(t.device))[:, start:]
 
-            outs = {}
-            for j in range(self.L):  # what blocks no row has reached return, and where rows enter from
-                if enter[j] == 0 or (j + 1 < self.L and enter[j + 1] > enter[j] > 0):
-                    outs[j] = _replace_first(recorded[j], rows(_first(recorded[j])))
-            ctx = staggered_blocks(site, outs, enter, rows(recorded[-1]) if enter[0] > 0 else None)
+            def output(j):  # block j's recorded corrupted output, one per row
+                return _replace_first(recorded[j], rows(_first(recorded[j])))
+
+            ctx = staggered_blocks(site, output, enter, rows(recorded[-1]) if enter[0] > 0 else None)
             inp = ids_t[start:][None]
         kw = {"cache": cache, "use_cache": True,
               "position_ids": torch.arange(start, len(ids_t), device=dev)[None]} if cache is not None else {
@@ -444,19 +442,10 @@ class Tracer:
         self.stats["forwards"] += 1
         return cache
 
-    @staticmethod
-    def rows_cache(cache, row_noise: torch.Tensor, enter: list[int] | None = None):
+    def rows_cache(self, cache, row_noise: torch.Tensor, enter: list[int] | None = None):
         """A copy of ``cache`` whose rows are ``cache`` rows ``row_noise`` (the original is left untouched); with
         ``enter``, layer j holds only the first ``enter[j]`` of them (the rows block j computes)."""
-        c = copy.copy(cache)
-        c.layers = [copy.copy(layer) for layer in cache.layers]
-        if enter is None:
-            c.batch_select_indices(row_noise)
-        else:
-            for layer, n in zip(c.layers, enter):
-                if n > 0:
-                    layer.batch_select_indices(row_noise[:n])
-        return c
+        return rows_cache(cache, enter if enter is not None else [len(row_noise)] * self.L, row_noise)
 
     # ---- full trace of one phrasing ---------------------------------------------------------------------------------
     def restored_layers(self, kind: str, layer: int) -> list[int]:
