@@ -31,7 +31,7 @@ FINGERPRINT_FORMAT = 2  # 1: names/shapes + first/last 64 values of 2-D weights;
 VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "_model_name_or_path", "_commit_hash", "architectures", "transformers_version",
     "quantization_config", "dtype", "torch_dtype", "_attn_implementation", "_attn_implementation_autoset",
-    "attn_implementation", "_experts_implementation",
+    "attn_implementation", "_experts_implementation", "auto_map",
 }
 
 
