@@ -163,7 +163,12 @@ def from_mapping(cls, data: Mapping | None, where: str = ""):
     try:
         return cls(**kw)
     except CaplocError as e:
-        raise CaplocError(f"{e}{_in(where)}") from None
+        msg = str(e)
+        if msg.startswith("["):  # already names its (nested) section
+            raise
+        if msg.startswith(cls.__name__ + "."):
+            msg = msg[len(cls.__name__) + 1:]
+        raise CaplocError(f"[{where}] {msg}" if where else msg) from None
     except TypeError as e:  # a constructor that rejects a value's type
         raise CaplocError(f"bad settings{_in(where)}: {e}") from None
 
