@@ -9,6 +9,7 @@ fraction (0 < x <= 1: S = ceil(x * N)) or an absolute count (an integer > 1). Th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ import torch
 from . import __version__
 from .attribution.engine import AttributionConfig, Attributor
 from .errors import CaplocError, DataError
-from .results import NeuronSet, ScoreStore, atomic_write_json
+from .results import NeuronSet, OutLock, ScoreStore, atomic_write_json, check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,13 @@ def locate(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwrite: bo
 
     With ``world > 1`` every rank scores its shards; rank 0 then merges and returns the result (others return None).
     """
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
+    with OutLock(out_dir) if rank == 0 else contextlib.nullcontext():
+        return _locate(lm, dataset, cfg, out_dir, overwrite=overwrite, progress=progress, rank=rank, world=world)
+
+
+def _locate(lm, dataset, cfg: LocateConfig, out_dir: Path, *, overwrite: bool, progress: bool | None, rank: int,
+            world: int) -> LocateResult | None:
     t0 = time.time()
     store = score_dataset(lm, dataset, cfg, out_dir, overwrite=overwrite, rank=rank, world=world, progress=progress)
     if world > 1:
