@@ -91,9 +91,7 @@ def read_result(out_dir: Path | str, json_name: str, kind: str, what: str, tenso
     if tensors_name:
         tp = out_dir / tensors_name
         if tp.exists():
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(tp))
+            tensors = read_tensors(tp, what)
         elif tensors_required:
             raise CaplocError(f"{tp} is missing: the {what} directory is incomplete")
     return js, tensors
@@ -104,13 +102,36 @@ def config_key(obj) -> str:
 
 
 def read_json(path: Path | str):
+    """Parse a JSON file caploc reads (a result, a config, a neuron list): any problem is a one-line CaplocError
+    naming the file -- missing, a directory, unreadable, not UTF-8, not JSON, nested too deeply."""
     path = Path(path)
     if not path.exists():
         raise CaplocError(f"{path} does not exist: pass a result directory written by caploc")
+    if path.is_dir():
+        raise CaplocError(f"{path} is a directory, not a JSON file")
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise CaplocError(f"{path} is not UTF-8 text (byte {e.start}): pass a JSON file") from None
     except json.JSONDecodeError as e:
         raise CaplocError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise CaplocError(f"{path} is nested too deeply to be a caploc file") from None
+    except OSError as e:
+        raise CaplocError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_tensors(path: Path | str, what: str = "result") -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never pickle); a missing, truncated or garbage file is a one-line CaplocError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaplocError(f"{path} is missing: the {what} directory is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated / garbage headers
+        raise CaplocError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): "
+                          f"the {what} is truncated or corrupt; recompute it") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,7 +371,7 @@ class ScoreStore:
         missing = sorted(set(range(n)) - self.finished_shards())
         if missing:
             raise CaplocError(f"{self.root} is incomplete ({len(missing)} of {n} shards missing): rerun the same command to resume")
-        parts = [load_file(str(self.shard_path(k))) for k in range(n)]
+        parts = [read_tensors(self.shard_path(k), "score store") for k in range(n)]
         return {key: torch.cat([p[key] for p in parts]) for key in ("index", "scores", "f", "gap")}
 
 
