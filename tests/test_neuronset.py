@@ -236,7 +236,7 @@ def test_safetensors_with_wrong_contents(saved):
 
 @pytest.mark.parametrize("text,words", [
     ('{"kind": "neuron_set", "n_layers": 4,', "not valid JSON"),
-    ("\udcff garbage", "not valid JSON"),
+    ("\udcff garbage", "not UTF-8 text"),
     ("[1, 2]", "not a caploc neuron set"),
     ('{"kind": "score_store"}', "not a caploc neuron set"),
     ('{"kind": "neuron_set", "n_layers": "4", "d_mlp": 16}', "n_layers must be an integer"),
@@ -250,3 +250,22 @@ def test_damaged_json(saved, text, words):
     with pytest.raises(CaplocError) as e:
         NeuronSet.load(d)
     assert words in _one_line(e)
+
+
+def test_torn_write_between_tensors_and_json_is_refused(tmp_path):
+    """A kill after the new tensors were written but before the new JSON: the old JSON no longer describes them."""
+    a = _random_set(n_layers=4, d_mlp=16, n=12)
+    b = NeuronSet(a.pairs[:5], 4, 16, frequency=a.frequency[:5], n_samples=3)
+    a.save(tmp_path / "run")
+    old_json = (tmp_path / "run" / "neurons.json").read_bytes()
+    b.save(tmp_path / "run")
+    (tmp_path / "run" / "neurons.json").write_bytes(old_json)  # b's tensors, a's JSON
+    with pytest.raises(CaplocError) as e:
+        NeuronSet.load(tmp_path / "run")
+    assert "checksum mismatch" in _one_line(e)
+    c = NeuronSet(a.pairs[:5], 4, 16, frequency=a.frequency[:5] + 0.5, n_samples=3)  # same count, other values
+    c.save(tmp_path / "c")
+    b.save(tmp_path / "b")
+    (tmp_path / "b" / "neurons.json").write_bytes((tmp_path / "c" / "neurons.json").read_bytes())
+    with pytest.raises(CaplocError, match="checksum mismatch"):
+        NeuronSet.load(tmp_path / "b")

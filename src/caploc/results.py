@@ -156,9 +156,9 @@ def _index_array(obj, what: str, pairs: bool = True) -> np.ndarray:
         if a.size and (a.dtype == np.bool_ or a.dtype.kind not in "iu"):
             raise CaplocError(f"{what} must be integers, not {a.dtype} values")
     elif isinstance(obj, (list, tuple)):
-        bad = next((x for x in _leaves(obj) if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))),
-                   None)
-        if bad is not None:
+        bads = [x for x in _leaves(obj) if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))]
+        if bads:
+            bad = bads[0]
             raise CaplocError(f"{what} must be integers, found {bad!r} ({type(bad).__name__})")
         try:
             a = np.array(obj, dtype=np.int64)
@@ -195,13 +195,6 @@ def _float_array(values, n: int, what: str) -> np.ndarray:
     if len(a) != n:
         raise CaplocError(f"{what} has {len(a)} values for {n} neurons")
     return a
-
-
-def _read_json_file(path: Path):
-    try:
-        return read_json(path)
-    except UnicodeDecodeError:
-        raise CaplocError(f"{path} is not valid JSON (binary content)") from None
 
 
 @dataclass
@@ -337,6 +330,9 @@ class NeuronSet:
             "caploc_version": __version__, "kind": "neuron_set", "n_neurons": len(self), "n_layers": self.n_layers,
             "d_mlp": self.d_mlp, "n_samples": self.n_samples, "per_layer": self.per_layer_counts().tolist(),
             "share_of_neurons": self.share_of_neurons(), "share_of_params": self.share_of_params(), **self.meta,
+            # binds the JSON to the tensors it describes: the tensors are written first, the JSON last, and a reader
+            # refuses a pair whose digests disagree (a kill between the two writes leaves a detectable mix).
+            "tensors_sha256": tensors_digest(t),
         }
         atomic_write_json(out_dir / f"{name}.json", meta)
         return out_dir / f"{name}.json"
@@ -351,7 +347,7 @@ class NeuronSet:
             jpath, tpath = path / f"{name}.json", path / f"{name}.safetensors"
         else:
             jpath, tpath = path.with_suffix(".json"), path.with_suffix(".safetensors")
-        meta = _read_json_file(jpath)
+        meta = read_json(jpath)
         if not isinstance(meta, dict) or meta.get("kind") != "neuron_set":
             kind = meta.get("kind") if isinstance(meta, dict) else type(meta).__name__
             raise CaplocError(f"{jpath} is not a caploc neuron set (kind={kind!r})")
@@ -365,7 +361,7 @@ class NeuronSet:
         if "pairs" not in t:
             raise CaplocError(f"{tpath} has no 'pairs' tensor: it is not a caploc neuron set")
         keys = ("caploc_version", "kind", "n_neurons", "n_layers", "d_mlp", "n_samples", "per_layer",
-                "share_of_neurons", "share_of_params")
+                "share_of_neurons", "share_of_params", "tensors_sha256")
         extra = {k: v for k, v in meta.items() if k not in keys}
         try:
             ns = cls(
@@ -375,6 +371,10 @@ class NeuronSet:
             )
         except CaplocError as e:
             raise type(e)(f"{jpath.parent / jpath.stem}.{{json,safetensors}}: {e}") from None
+        digest = meta.get("tensors_sha256")
+        if digest is not None and digest != tensors_digest(t):
+            raise CaplocError(f"{jpath} does not describe {tpath.name} (checksum mismatch): the two files come from "
+                              "different runs or one was cut short; rerun the command that wrote them")
         if "n_neurons" in meta and meta["n_neurons"] != len(ns):
             raise CaplocError(f"{jpath} says {meta['n_neurons']!r} neurons but {tpath.name} holds {len(ns)}: "
                               "the two files come from different runs; rerun the command that wrote them")
@@ -393,7 +393,7 @@ class NeuronSet:
     def from_kn_json(cls, path: Path | str, n_layers: int | None = None, d_mlp: int | None = None) -> "NeuronSet":
         """Read ``to_kn_json``'s output, or a bare ``[[layer, index], ...]`` list. A bare list does not say the model's
         dimensions: pass ``n_layers`` and ``d_mlp``, else they are guessed from the largest indices (with a warning)."""
-        data = _read_json_file(Path(path))
+        data = read_json(Path(path))
         if isinstance(data, dict):
             if "neurons" not in data:
                 raise CaplocError(f"{path} has no 'neurons' list: expected {{\"n_layers\", \"d_mlp\", \"neurons\"}} "
