@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -178,6 +179,11 @@ def _index_array(obj, what: str, pairs: bool = True) -> np.ndarray:
     return a
 
 
+def _finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
 def _count(value, what: str, minimum: int = 1) -> int:
     """A model dimension or sample count: an int (not a bool, not a float) >= ``minimum``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -333,6 +339,13 @@ class NeuronSet:
             # binds the JSON to the tensors it describes: the tensors are written first, the JSON last, and a reader
             # refuses a pair whose digests disagree (a kill between the two writes leaves a detectable mix).
             "tensors_sha256": tensors_digest(t),
+            # every neuron, readable without tools (the tensors stay the source of truth)
+            "neurons": [
+                {"layer": int(l), "index": int(i),
+                 "frequency": None if self.frequency is None else _finite_or_none(self.frequency[k]),
+                 "mean_score": None if self.mean_score is None else _finite_or_none(self.mean_score[k])}
+                for k, (l, i) in enumerate(self.pairs.tolist())
+            ],
         }
         atomic_write_json(out_dir / f"{name}.json", meta)
         return out_dir / f"{name}.json"
@@ -361,7 +374,7 @@ class NeuronSet:
         if "pairs" not in t:
             raise CaplocError(f"{tpath} has no 'pairs' tensor: it is not a caploc neuron set")
         keys = ("caploc_version", "kind", "n_neurons", "n_layers", "d_mlp", "n_samples", "per_layer",
-                "share_of_neurons", "share_of_params", "tensors_sha256")
+                "share_of_neurons", "share_of_params", "tensors_sha256", "neurons")
         extra = {k: v for k, v in meta.items() if k not in keys}
         try:
             ns = cls(
