@@ -43,7 +43,11 @@ def run(argv: list[str]) -> int:
         err_console.print(Text("interrupted: finished work (score shards, finished stages) is kept and the same command "
                                "resumes; no result directory was half-written"))
         return 130
-    except (UnicodeDecodeError, RecursionError, MemoryError) as e:  # a user file caploc could not read
+    except RecursionError as e:  # a crafted file: JSON nested deeper than Python's parser goes
+        print_error(f"an input file is nested too deeply to read ({_first_line(e)}): check the files passed to this "
+                    "command")
+        return 2
+    except (UnicodeDecodeError, MemoryError) as e:  # a user file caploc could not read
         print_error(f"{type(e).__name__} while reading input ({_first_line(e)}): check the files passed to this "
                     "command (text files must be UTF-8)")
         return 2
@@ -90,13 +94,20 @@ def parse_layers(text: str | None) -> list[int] | None:
     out: list[int] = []
     try:
         for part in text.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out += list(range(int(a), int(b) + 1))
+            if "-" in part.strip()[1:]:
+                a, b = part.strip().split("-")
+                a, b = int(a), int(b)
+                if b < a:
+                    raise CaplocError(f"--layers range {part.strip()!r} is reversed; write it low-high, e.g. '{b}-{a}'")
+                out += list(range(a, b + 1))
             else:
                 out.append(int(part))
     except ValueError:
         raise CaplocError(f"cannot parse --layers {text!r}; use e.g. '10-29' or '0,3,5'") from None
+    if any(x < 0 for x in out):
+        raise CaplocError(f"--layers {text!r} has a negative layer; layers count from 0")
+    if len(set(out)) != len(out):
+        raise CaplocError(f"--layers {text!r} names a layer twice")
     return out
 
 
