@@ -269,3 +269,12 @@ def test_torn_write_between_tensors_and_json_is_refused(tmp_path):
     (tmp_path / "b" / "neurons.json").write_bytes((tmp_path / "c" / "neurons.json").read_bytes())
     with pytest.raises(CaplocError, match="checksum mismatch"):
         NeuronSet.load(tmp_path / "b")
+
+
+def test_stale_counts_in_meta_do_not_override_the_set(tmp_path):
+    """A set derived from another keeps the other's meta; the saved JSON must still describe the derived set."""
+    a = _random_set(n_layers=4, d_mlp=16, n=9)
+    b = NeuronSet(a.pairs[:5], 4, 16, n_samples=3, meta={**a.meta, "n_neurons": 9, "per_layer": [9, 0, 0, 0]})
+    b.save(tmp_path / "b")
+    back = NeuronSet.load(tmp_path / "b")
+    assert len(back) == 5 and json.loads((tmp_path / "b" / "neurons.json").read_text())["n_neurons"] == 5

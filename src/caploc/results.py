@@ -334,9 +334,10 @@ class NeuronSet:
             t["counts"] = torch.from_numpy(np.asarray(self.counts, dtype=np.int64))
         atomic_save_tensors(out_dir / f"{name}.safetensors", t)
         meta = {
+            **self.meta,  # first: the keys below describe THIS set and win over stale copies in meta
             "caploc_version": __version__, "kind": "neuron_set", "n_neurons": len(self), "n_layers": self.n_layers,
             "d_mlp": self.d_mlp, "n_samples": self.n_samples, "per_layer": self.per_layer_counts().tolist(),
-            "share_of_neurons": self.share_of_neurons(), "share_of_params": self.share_of_params(), **self.meta,
+            "share_of_neurons": self.share_of_neurons(), "share_of_params": self.share_of_params(),
             # binds the JSON to the tensors it describes: the tensors are written first, the JSON last, and a reader
             # refuses a pair whose digests disagree (a kill between the two writes leaves a detectable mix).
             "tensors_sha256": tensors_digest(t),

@@ -33,16 +33,21 @@ def print_error(message: str) -> None:
 def run(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        app(args=argv, prog_name="caploc", standalone_mode=False)
+        rc = app(args=argv, prog_name="caploc", standalone_mode=False)
+        if rc == 130:  # typer returns Ctrl-C as exit code 130 when not in standalone mode
+            return _interrupted()
+        if isinstance(rc, int) and not isinstance(rc, bool):
+            return rc
     except CaplocError as e:
         print_error(str(e))
         return 2
     except SystemExit as e:  # typer/click exit
         return int(e.code or 0)
     except KeyboardInterrupt:
-        err_console.print(Text("interrupted: finished work (score shards, finished stages) is kept and the same command "
-                               "resumes; no result directory was half-written"))
-        return 130
+        return _interrupted()
+    except typer.Exit as e:  # typer turns Ctrl-C into Exit(130)
+        code = int(getattr(e, "exit_code", 0) or 0)
+        return _interrupted() if code == 130 else code
     except RecursionError as e:  # a crafted file: JSON nested deeper than Python's parser goes
         print_error(f"an input file is nested too deeply to read ({_first_line(e)}): check the files passed to this "
                     "command")
@@ -66,6 +71,12 @@ def run(argv: list[str]) -> int:
             return 1
         raise
     return 0
+
+
+def _interrupted() -> int:
+    err_console.print(Text("interrupted: finished work (score shards, finished stages) is kept and the same command "
+                           "resumes; no result directory was half-written"))
+    return 130
 
 
 def _first_line(e: BaseException) -> str:
