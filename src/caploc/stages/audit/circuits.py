@@ -34,10 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from ...data.encode import encode_prompt
 from ...errors import CaplocError, DataError
+from ...progress import bar as progress_bar
 from .base import Method
 from .circuit_eap import (
     ablated_metric, circuit_nodes, clean_embedding, edge_attribution, make_ablation, metric_inputs, node_means,
@@ -153,7 +152,7 @@ def _swap_embedding(graph, tokenizer, ph: Phrasing, subject: str, attribute: str
 def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool | None = None) -> CircuitAudit:
     """Build a circuit for every phrasing of every fact (prompt + paraphrases) and measure fidelity, reliability and
     size. ``lm``: a LoadedModel; ``facts``: a Dataset with ``meta['subject']`` and ``meta['paraphrases']``, or a
-    sequence of ``audit.common.Fact`` (phrasings, target, subject, relation). Facts with fewer than
+    sequence of :class:`caploc.stages.audit.facts.Fact` (phrasings, target, subject, relation). Facts with fewer than
     ``cfg.min_phrasings`` phrasings in which the subject is found are skipped; at most ``cfg.max_phrasings`` per fact."""
     cfg = cfg or CircuitConfig()
     t0 = time.time()
@@ -190,8 +189,7 @@ def audit_circuits(lm, facts, cfg: CircuitConfig | None = None, progress: bool |
     m_clean, m_cor, m_emp = np.zeros(P), np.zeros(P), np.zeros(P)
     r_circ, r_rand = np.zeros(P), np.zeros((P, cfg.random_draws))
     corr_used = []
-    bar = tqdm(total=P, desc="circuits (EAP)", unit="phrasing", leave=False,
-               disable=progress is False if progress is not None else None)
+    bar = progress_bar(P, desc="circuits (EAP)", unit="phrasing", progress=progress)
     for i, (p, seq, emb) in enumerate(zip(phr, seqs, embs)):
         cemb = None
         if cfg.corrupt == "swap":
