@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from caploc.data import load_dataset
-from caploc.decouple import (
+from caploc.stages.decouple import (
     DecoupleConfig, DecoupleResult, DomainResult, Group, content_items, content_sharing, diff_ci, fact_groups,
     group_agreement, gsm_groups,
 )
@@ -151,7 +151,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 
 def test_domain_without_groups_is_skipped_or_refused():
-    from caploc.decouple import decouple
+    from caploc.stages.decouple import decouple
     from caploc.errors import DataError
     from caploc.models import load_model
 

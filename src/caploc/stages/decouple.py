@@ -32,28 +32,33 @@ with the 95% CI of the difference above 0.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
-import random
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import CaplocError, DataError
-from .results import atomic_save_tensors, atomic_write_json
+from .. import __version__
+from ..attribution.engine import OBJECTIVES, POSITIONS, AttributionConfig, Attributor
+from ..config import check, setting, to_mapping
+from ..data import encode, load_dataset
+from ..errors import CaplocError, DataError
+from ..localize import select_sigma, select_topk
+from ..progress import bar
+from ..report import decouple as report_decouple
+from ..results import atomic_save_tensors, atomic_write_json, read_result
+from ..stats import bootstrap_ci, expected_random_agreement, iou, overlap_rate, per_layer_counts
+from .decouple_groups import (
+    KINDS, Group, content_items, content_sharing, fact_groups, gsm_groups,
+)
 
 log = logging.getLogger(__name__)
 
 DOMAINS = ("gsm_symbolic", "facts")
-KINDS = ("commonality", "content", "random")
-_NUM_RE = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?![\w])")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -61,43 +66,41 @@ _NUM_RE = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?![\w])")
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class DecoupleConfig:
-    domains: list[str] = field(default_factory=lambda: ["gsm_symbolic", "facts"])
-    n_groups: int = 8  # groups per kind and domain
-    group_size: int = 5
-    pool_size: int = 2000  # gsm_symbolic problems generated to search groups in
-    seed: int = 0
-    gsm_target: str = "cot"  # cot | answer
-    method: str = "grad_x_act"  # grad_x_act | ig
-    steps: int = 8  # IG steps (method=ig)
-    objective: str = "logprob"
-    positions: str = "all"
-    rule: str = "sigma"  # sigma | topk
-    sigma: float = 6.0
-    topk: int = 200
-    batch_size: int = 4
-    n_boot: int = 2000
-    chat: bool = False
-    max_length: int | None = None
+    """Settings of ``caploc decouple``."""
+
+    domains: list[str] = setting(default_factory=lambda: ["gsm_symbolic", "facts"], help="Comma-separated: "
+                                 "gsm_symbolic, facts.", choices=DOMAINS, item=str)
+    n_groups: int = setting(8, help="Groups per kind (commonality / content / random) and domain.", min=2)
+    group_size: int = setting(5, help="Samples per group.", min=2)
+    pool_size: int = setting(2000, help="gsm_symbolic problems generated to search groups in.", min=1)
+    seed: int = setting(0, help="Seed of the pool and of the group choice.")
+    gsm_target: str = setting("cot", help="gsm_symbolic target: cot (gold chain of thought) or answer.",
+                              choices=("cot", "answer"))
+    method: str = setting("grad_x_act", help="Per-sample attribution: grad_x_act | ig (exact per-layer IG).",
+                          choices=("grad_x_act", "ig"))
+    steps: int = setting(8, help="IG steps (method=ig).", min=1)
+    objective: str = setting("logprob", help="Attribution objective.", choices=OBJECTIVES)
+    positions: str = setting("all", help="Attributed positions.", choices=POSITIONS)
+    rule: str = setting("sigma", help="Per-sample selection: sigma | topk.", choices=("sigma", "topk"))
+    sigma: float = setting(6.0, help="sigma rule: Attr > mean + sigma*sd of the sample.")
+    topk: int = setting(200, help="topk rule: neurons per sample.", min=1)
+    batch_size: int = setting(4, help="Samples per forward/backward (grad_x_act).", min=1)
+    n_boot: int = setting(2000, help="Bootstrap resamples for the CIs.", min=1)
+    chat: bool = setting(False, help="Wrap prompts in the tokenizer's chat template.")
+    max_length: int | None = setting(None, help="Refuse samples longer than this many tokens (default: the model's "
+                                                "context).", min=1)
 
     def __post_init__(self):
         self.domains = list(self.domains)
-        bad = [d for d in self.domains if d not in DOMAINS]
-        if bad or not self.domains:
-            raise CaplocError(f"unknown decoupling domain(s) {bad or self.domains}; choose from {', '.join(DOMAINS)}")
-        if self.n_groups < 2 or self.group_size < 2:
-            raise CaplocError("n_groups and group_size must both be >= 2 (a CI needs groups, an IoU needs pairs)")
-        if self.rule not in ("sigma", "topk"):
-            raise CaplocError(f"unknown selection rule {self.rule!r}; use sigma or topk")
-        if self.method not in ("grad_x_act", "ig"):
-            raise CaplocError(f"unknown method {self.method!r}; use grad_x_act or ig")
-        if self.gsm_target not in ("cot", "answer"):
-            raise CaplocError(f"gsm_target must be cot or answer, not {self.gsm_target!r}")
+        check(self)
+        if not self.domains:
+            raise CaplocError(f"no decoupling domain given; choose from {', '.join(DOMAINS)}")
         if self.pool_size < self.n_groups * self.group_size * 3:
             raise CaplocError(f"pool_size={self.pool_size} is too small for {self.n_groups} groups x {self.group_size} "
                               "x 3 kinds; raise --pool-size")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_mapping(self)
 
     @classmethod
     def full(cls, **kw) -> "DecoupleConfig":
@@ -108,239 +111,8 @@ class DecoupleConfig:
         return cls(**base)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# groups
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Group:
-    kind: str  # commonality | content | random
-    key: str  # e.g. "tpl-12", "name=james+num=4", "P17", "attr=London", "random-3"
-    indices: list[int]  # into the domain's pool
-    shared: list[str] = field(default_factory=list)  # the content items every member shares (measured)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def _num_str(v: float) -> str:
-    return str(int(v)) if float(v) == int(v) else repr(float(v))
-
-
-def content_items(question: str, variables: dict) -> set[str]:
-    """Content of a gsm problem: variable values that literally occur in the question text.
-
-    Strings -> ``"str=<lowercased>"`` (whole-word match), numbers -> ``"num=<value>"`` (a number token of the question
-    with the same value). Derived variables that the question does not show (intermediate results) are not content."""
-    q = question.lower()
-    nums = set()
-    for tok in _NUM_RE.findall(question):
-        try:
-            nums.add(_num_str(float(tok.replace(",", ""))))
-        except ValueError:
-            pass
-    out: set[str] = set()
-
-    def walk(v):
-        if isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        elif isinstance(v, bool):
-            return
-        elif isinstance(v, str):
-            s = v.strip().lower()
-            if s and re.search(r"(?<!\w)" + re.escape(s) + r"(?!\w)", q):
-                out.add(f"str={s}")
-        elif isinstance(v, (int, float)) and math.isfinite(float(v)):
-            s = _num_str(float(v))
-            if s in nums:
-                out.add(f"num={s}")
-
-    walk(variables)
-    return out
-
-
-def _question(sample) -> str:
-    return sample.prompt
-
-
-def gsm_groups(pool, n_groups: int, group_size: int, seed: int) -> tuple[dict[str, list[Group]], list[set[str]]]:
-    """Commonality / content / random groups over a gsm_symbolic pool (a Dataset with meta template + variables)."""
-    samples = list(pool)
-    items = [content_items(_question(s), s.meta.get("variables") or {}) for s in samples]
-    tpl = [int(s.meta["template"]) for s in samples]
-    rng = random.Random(seed)
-    used: set[int] = set()
-
-    # commonality: one template, pairwise different variables, minimal shared strings
-    by_tpl: dict[int, list[int]] = {}
-    for i, t in enumerate(tpl):
-        by_tpl.setdefault(t, []).append(i)
-    cand_t = sorted(t for t, ix in by_tpl.items() if len(ix) >= group_size)
-    rng.shuffle(cand_t)
-    common: list[Group] = []
-    for t in cand_t:
-        if len(common) >= n_groups:
-            break
-        pick: list[int] = []
-        seen_vars: set[str] = set()
-        strs: set[str] = set()
-        ix = list(by_tpl[t])
-        rng.shuffle(ix)
-        # first pass: no string shared with the members so far; second pass: any different variables
-        for strict in (True, False):
-            for i in ix:
-                if len(pick) >= group_size or i in pick:
-                    continue
-                key = json.dumps(samples[i].meta.get("variables"), sort_keys=True, default=str)
-                s_i = {x for x in items[i] if x.startswith("str=")}
-                if key in seen_vars or (strict and s_i & strs):
-                    continue
-                pick.append(i)
-                seen_vars.add(key)
-                strs |= s_i
-        if len(pick) == group_size:
-            common.append(Group("commonality", f"tpl-{t}", pick, sorted(set.intersection(*(items[i] for i in pick)))))
-            used.update(pick)
-
-    # content: pairwise different templates sharing an anchor string (+ a second item where possible)
-    content: list[Group] = []
-    anchors: dict[str, set[int]] = {}
-    for i, its in enumerate(items):
-        for x in its:
-            if x.startswith("str="):
-                anchors.setdefault(x, set()).add(i)
-    order = sorted(anchors, key=lambda a: (-len({tpl[i] for i in anchors[a]}), a))
-    progress = True
-    while len(content) < n_groups and progress:  # several rounds: an anchor may seed disjoint groups
-        progress = False
-        for a in order:
-            if len(content) >= n_groups:
-                break
-            free = sorted(i for i in anchors[a] if i not in used)
-            if len({tpl[i] for i in free}) < group_size:
-                continue
-            # greedily add further shared items (another string, a number of the question) while at least
-            # group_size templates still have a problem holding all of them; most templates first, strings first
-            shared_keys = [a]
-            members = list(free)
-            while True:
-                co: dict[str, set[int]] = {}
-                for i in members:
-                    for x in items[i]:
-                        if x not in shared_keys:
-                            co.setdefault(x, set()).add(tpl[i])
-                best = sorted((x for x, ts in co.items() if len(ts) >= group_size),
-                              key=lambda x: (-len(co[x]), not x.startswith("str="), x))
-                if not best:
-                    break
-                shared_keys.append(best[0])
-                members = [i for i in members if best[0] in items[i]]
-            members = [i for i in free if all(k in items[i] for k in shared_keys)]
-            rng.shuffle(members)
-            pick, tpls = [], set()
-            for i in members:
-                if tpl[i] not in tpls:
-                    pick.append(i)
-                    tpls.add(tpl[i])
-                if len(pick) == group_size:
-                    break
-            if len(pick) < group_size:
-                continue
-            content.append(Group("content", "+".join(shared_keys), pick,
-                                 sorted(set.intersection(*(items[i] for i in pick)))))
-            used.update(pick)
-            progress = True
-
-    rand = _random_groups(len(samples), n_groups, group_size, used, rng, items)
-    for kind, gs in (("commonality", common), ("content", content)):
-        if len(gs) < n_groups:
-            log.warning("gsm_symbolic: only %d %s groups of %d found in a pool of %d (wanted %d); raise --pool-size",
-                        len(gs), kind, group_size, len(samples), n_groups)
-    return {"commonality": common, "content": content, "random": rand}, items
-
-
-def _random_groups(n: int, n_groups: int, group_size: int, used: set[int], rng: random.Random,
-                   items: list[set[str]] | None) -> list[Group]:
-    free = [i for i in range(n) if i not in used]
-    if len(free) < n_groups * group_size:
-        free = list(range(n))
-    pick = rng.sample(free, n_groups * group_size)
-    out = []
-    for g in range(n_groups):
-        ix = sorted(pick[g * group_size:(g + 1) * group_size])
-        shared = sorted(set.intersection(*(items[i] for i in ix))) if items else []
-        out.append(Group("random", f"random-{g}", ix, shared))
-    return out
-
-
-def fact_groups(pool, n_groups: int, group_size: int, seed: int) -> tuple[dict[str, list[Group]], list[set[str]]]:
-    """Commonality (same relation, different subjects and answers) / content (same answer, different relations) /
-    random groups over the facts."""
-    samples = list(pool)
-    rel = [str(s.meta.get("relation_id", s.group)) for s in samples]
-    attr = [str(s.meta.get("attribute", s.target.strip())) for s in samples]
-    subj = [str(s.meta.get("subject")) for s in samples]
-    items = [{f"attr={a}", f"subj={b}"} for a, b in zip(attr, subj)]
-    rng = random.Random(seed)
-    used: set[int] = set()
-
-    by_rel: dict[str, list[int]] = {}
-    for i, r in enumerate(rel):
-        by_rel.setdefault(r, []).append(i)
-    cand = sorted(by_rel)
-    rng.shuffle(cand)
-    common = []
-    for r in cand:
-        if len(common) >= n_groups:
-            break
-        ix = list(by_rel[r])
-        rng.shuffle(ix)
-        pick, attrs, subjs = [], set(), set()
-        for i in ix:
-            if attr[i] not in attrs and subj[i] not in subjs:
-                pick.append(i)
-                attrs.add(attr[i])
-                subjs.add(subj[i])
-            if len(pick) == group_size:
-                break
-        if len(pick) == group_size:
-            common.append(Group("commonality", r, pick, []))
-            used.update(pick)
-
-    by_attr: dict[str, list[int]] = {}
-    for i, a in enumerate(attr):
-        by_attr.setdefault(a, []).append(i)
-    cand = sorted(by_attr, key=lambda a: (-len({rel[i] for i in by_attr[a]}), a))
-    content = []
-    for a in cand:
-        if len(content) >= n_groups:
-            break
-        ix = list(by_attr[a])
-        rng.shuffle(ix)
-        pick, rels = [], set()
-        for i in ix:
-            if rel[i] not in rels:
-                pick.append(i)
-                rels.add(rel[i])
-            if len(pick) == group_size:
-                break
-        if len(pick) == group_size:
-            content.append(Group("content", f"attr={a}", pick, [f"attr={a}"]))
-            used.update(pick)
-    rand = _random_groups(len(samples), n_groups, group_size, used, rng, items)
-    for kind, gs in (("commonality", common), ("content", content)):
-        if len(gs) < n_groups:
-            log.warning("facts: only %d %s groups of %d exist (wanted %d)", len(gs), kind, group_size, n_groups)
-    return {"commonality": common, "content": content, "random": rand}, items
-
-
 def build_groups(domain: str, cfg: DecoupleConfig):
     """(pool Dataset, {kind: [Group]}, per-sample content items) for one domain."""
-    from .data import load_dataset
-
     if domain == "gsm_symbolic":
         pool = load_dataset("gsm_symbolic", n=cfg.pool_size, seed=cfg.seed, target=cfg.gsm_target)
         groups, items = gsm_groups(pool, cfg.n_groups, cfg.group_size, cfg.seed)
@@ -350,46 +122,17 @@ def build_groups(domain: str, cfg: DecoupleConfig):
     return pool, groups, items
 
 
-def content_sharing(groups: dict[str, list[Group]], items: list[set[str]]) -> dict[str, dict]:
-    """Measured shared content per kind: mean number of items shared by ALL members, and the mean pairwise Jaccard
-    of the members' content items (strings and numbers separately for gsm)."""
-    out = {}
-    for kind, gs in groups.items():
-        n_all, jac, jac_s = [], [], []
-        for g in gs:
-            sets = [items[i] for i in g.indices]
-            n_all.append(len(set.intersection(*sets)) if sets else 0)
-            for a, b in itertools.combinations(sets, 2):
-                jac.append(len(a & b) / max(1, len(a | b)))
-                sa, sb = {x for x in a if not x.startswith("num=")}, {x for x in b if not x.startswith("num=")}
-                jac_s.append(len(sa & sb) / max(1, len(sa | sb)))
-        out[kind] = {"shared_by_all_mean": float(np.mean(n_all)) if n_all else float("nan"),
-                     "pairwise_content_jaccard": float(np.mean(jac)) if jac else float("nan"),
-                     "pairwise_string_jaccard": float(np.mean(jac_s)) if jac_s else float("nan")}
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # within-group agreement (pure functions)
 # ---------------------------------------------------------------------------------------------------------------------
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size + b.size == 0:
-        return float("nan")
-    x = np.intersect1d(a, b, assume_unique=True).size
-    return x / (a.size + b.size - x)
-
-
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+def symmetric_overlap(a, b) -> float:
     """Symmetrised overlap rate (|A∩B|/|A| + |A∩B|/|B|) / 2; nan if a set is empty."""
-    if a.size == 0 or b.size == 0:
-        return float("nan")
-    x = np.intersect1d(a, b, assume_unique=True).size
-    return 0.5 * (x / a.size + x / b.size)
+    return 0.5 * (overlap_rate(a, b) + overlap_rate(b, a))
 
 
 def group_agreement(sets: list[np.ndarray], metric: str = "iou") -> float:
     """Mean over all unordered pairs of the group's sets (nan pairs dropped)."""
-    fn = _iou if metric == "iou" else _overlap
+    fn = iou if metric == "iou" else symmetric_overlap
     vals = [fn(np.unique(a), np.unique(b)) for a, b in itertools.combinations(sets, 2)]
     vals = [v for v in vals if not math.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
@@ -411,8 +154,6 @@ def diff_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tup
 
 def chance_iou(sets: list[np.ndarray], n_layers: int, d_mlp: int, max_pairs: int = 40) -> float:
     """Mean exact expected IoU of independent random sets with the per-layer sizes of each pair (first max_pairs)."""
-    from .stats import expected_random_agreement, per_layer_counts
-
     vals = []
     for a, b in itertools.islice(itertools.combinations(sets, 2), max_pairs):
         if a.size + b.size == 0:
@@ -455,8 +196,6 @@ class DecoupleResult:
 
     def summary(self) -> dict:
         seed, n_boot = int(self.config.get("seed", 0)), int(self.config.get("n_boot", 2000))
-        from .stats import bootstrap_ci
-
         out = {}
         for name, dr in self.domains.items():
             d: dict[str, Any] = {"sharing": dr.sharing, "n_groups": {k: len(v) for k, v in dr.groups.items()},
@@ -485,75 +224,10 @@ class DecoupleResult:
 
     # ---- report ----------------------------------------------------------------------------------------------------
     def report(self, out_dir: Path | str | None = None) -> dict:
-        s = self.summary()
-        rows, figs, claims, text = [], [], {}, []
-        cfg = self.config
-        sel = f"sigma={cfg['sigma']}" if cfg["rule"] == "sigma" else f"top-{cfg['topk']}"
-        text.append(
-            f"Decoupling on {self.meta.get('model_id', '?')}: per-sample neuron sets ({cfg['method']}, {sel} per sample), "
-            f"{cfg['n_groups']} groups x {cfg['group_size']} samples per kind; within-group mean pairwise IoU, mean over "
-            f"groups with 95% bootstrap CIs over groups (seed {cfg['seed']}, {cfg['n_boot']} resamples).")
-        for dom, d in s.items():
-            for kind in KINDS:
-                v = d["iou"][kind]
-                o = d["overlap"][kind]
-                sh = d["sharing"].get(kind, {})
-                rows.append([dom, kind, d["n_groups"].get(kind, 0), _r(v["mean"]), f"[{_r(v['ci'][0])}, {_r(v['ci'][1])}]",
-                             _r(o["mean"]), _r(d["chance_iou"]), _r(sh.get("shared_by_all_mean")),
-                             _r(sh.get("pairwise_content_jaccard"))])
-            diff = d["iou"]["commonality_minus_content"]
-            text.append(
-                f"{dom}: commonality IoU {d['iou']['commonality']['mean']:.3f} vs content {d['iou']['content']['mean']:.3f} "
-                f"vs random {d['iou']['random']['mean']:.3f} (chance for independent random sets of the same sizes "
-                f"{d['chance_iou']:.4f}); commonality - content = {diff['mean']:.3f} [{diff['ci'][0]:.3f}, "
-                f"{diff['ci'][1]:.3f}] -> follows commonality: {d['follows_commonality']}. Mean per-sample set size "
-                f"{d['set_size_mean']:.1f} neurons.")
-            pre = "" if dom == "gsm_symbolic" else "facts_"
-            for kind in KINDS:
-                v = d["iou"][kind]
-                claims[f"{pre}decoupling_{kind}_iou"] = {"value": v["mean"], "ci": v["ci"], "chance": d["chance_iou"]}
-            claims[f"{pre}follows_commonality"] = {
-                "value": d["follows_commonality"], "commonality_minus_content": diff["mean"], "ci": diff["ci"],
-                "criterion": "95% bootstrap CI of (commonality IoU - content IoU) above 0"}
-            if out_dir is not None:
-                figs.extend(self._figure(Path(out_dir), dom, d))
-        for dom, why in (self.meta.get("skipped_domains") or {}).items():
-            text.append(f"{dom} was skipped: {why}.")
-        if "facts" in s:
-            text.append("facts: content groups share the answer (attribute) and commonality groups do not, so the "
-                        "target tokens that the attribution objective scores favour content; same-subject groups "
-                        "cannot be built (14 subjects occur in 2 relations, none in more).")
-        if "gsm_symbolic" in s:
-            sh = s["gsm_symbolic"]["sharing"]
-            text.append(
-                "gsm_symbolic content groups are searched in the generated pool (reasoning-gym cannot render a template "
-                "with given values); measured content shared by all members: "
-                + ", ".join(f"{k} {v['shared_by_all_mean']:.2f} items (pairwise Jaccard {v['pairwise_content_jaccard']:.2f})"
-                            for k, v in sh.items()) + ".")
-        return {
-            "kind": "decouple", "title": "Decoupling: commonality vs content (paper §4)", "text": text,
-            "tables": [{"title": "Within-group agreement of per-sample neuron sets",
-                        "columns": ["domain", "groups", "n", "IoU", "95% CI", "overlap", "chance IoU",
-                                    "content items shared by all", "pairwise content Jaccard"], "rows": rows,
-                        "note": "IoU/overlap: mean over groups of the mean pairwise value; chance: independent random "
-                                "sets with the same per-layer sizes (exact expectation)."}],
-            "figures": figs, "claims": claims,
-        }
+        """The report.json dict; figures are written into ``out_dir`` when given."""
+        return report_decouple.build_report(self, self.summary(), out_dir)
 
-    def _figure(self, out_dir: Path, dom: str, d: dict) -> list[dict]:
-        from .report.figures import bars_with_ci
-
-        try:
-            name = f"fig_decouple_{dom}.png"
-            bars_with_ci(list(KINDS), [d["iou"][k]["mean"] for k in KINDS], [d["iou"][k]["ci"][0] for k in KINDS],
-                         [d["iou"][k]["ci"][1] for k in KINDS], out_dir / name, chance=d["chance_iou"],
-                         title=f"{dom}: within-group IoU", ylabel="mean pairwise IoU")
-            return [{"title": f"Decoupling ({dom})", "file": name,
-                     "caption": "Within-group IoU of per-sample neuron sets for groups sharing the problem type "
-                                "(commonality), sharing content across types, and random groups (95% bootstrap CI)."}]
-        except Exception as e:
-            log.warning("decoupling figure not written: %s", str(e).splitlines()[0])
-            return []
+    to_report = report
 
     # ---- save / load ----------------------------------------------------------------------------------------------
     def save(self, out_dir: Path | str) -> Path:
@@ -571,13 +245,11 @@ class DecoupleResult:
                                    "sample_ids": dr.sample_ids, "pool_index": dr.pool_index, "sharing": dr.sharing}
         atomic_save_tensors(out_dir / "decouple.safetensors", t)
         atomic_write_json(out_dir / "decouple.json", js)
-        atomic_write_json(out_dir / "report.json", self.report(out_dir))
+        atomic_write_json(out_dir / "report.json", self.report(out_dir))  # last: marks a complete result
         return out_dir
 
     @classmethod
     def load(cls, out_dir: Path | str) -> "DecoupleResult":
-        from .results import read_result
-
         js, t = read_result(out_dir, "decouple.json", "decouple_result", "decoupling result", "decouple.safetensors")
         doms = {}
         for name, d in js["domains"].items():
@@ -590,31 +262,18 @@ class DecoupleResult:
         return cls(doms, int(js["n_layers"]), int(js["d_mlp"]), js["config"], js["meta"])
 
 
-def _r(v, nd: int = 4):
-    if isinstance(v, (float, np.floating)):
-        return round(float(v), nd) if math.isfinite(v) else None
-    return v
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------------------
 def per_sample_sets(lm, samples, cfg: DecoupleConfig, progress: bool | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Attribute every sample and select its neurons; returns (flat index sets, objectives)."""
-    from tqdm.auto import tqdm
-
-    from .attribution.engine import AttributionConfig, Attributor
-    from .data import encode
-    from .localize import select_sigma, select_topk
-
     acfg = AttributionConfig(method=cfg.method, steps=cfg.steps, objective=cfg.objective, positions=cfg.positions,
                              batch_size=cfg.batch_size, completeness=False)
     att = Attributor(lm.site, acfg)
     max_len = cfg.max_length or getattr(lm.model.config, "max_position_embeddings", None)
     enc = [encode(lm.tokenizer, s, chat=cfg.chat, max_length=max_len) for s in samples]
     sets, fs = [], []
-    with tqdm(total=len(enc), desc=f"decouple ({cfg.method})", unit="sample", leave=False,
-              disable=progress is False if progress is not None else None) as bar:
+    with bar(len(enc), desc=f"decouple ({cfg.method})", unit="sample", progress=progress) as pbar:
         step = cfg.batch_size if cfg.method != "ig" else 1
         for b in range(0, len(enc), step):
             chunk = enc[b:b + step]
@@ -624,7 +283,7 @@ def per_sample_sets(lm, samples, cfg: DecoupleConfig, progress: bool | None = No
             for k, r in enumerate(res):
                 sets.append(np.nonzero(mask[k].numpy())[0].astype(np.int64))
                 fs.append(r.f)
-            bar.update(len(chunk))
+            pbar.update(len(chunk))
     return sets, np.asarray(fs, dtype=np.float64)
 
 
@@ -667,5 +326,6 @@ def decouple(lm, cfg: DecoupleConfig | None = None, out_dir: Path | str | None =
 
 __all__ = [
     "DecoupleConfig", "DecoupleResult", "DomainResult", "Group", "decouple", "build_groups", "gsm_groups",
-    "fact_groups", "content_items", "content_sharing", "group_agreement", "diff_ci", "chance_iou", "per_sample_sets",
+    "fact_groups", "content_items", "content_sharing", "group_agreement", "symmetric_overlap", "diff_ci", "chance_iou",
+    "per_sample_sets",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from typing import ClassVar, Sequence
 
 import numpy as np
