@@ -9,17 +9,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..results import atomic_write_json
 from ..stats import per_layer_counts
 from .figures import bars_with_ci, save_figure
-
-if TYPE_CHECKING:
-    from ..stages.audit.circuit_result import CircuitAudit
-    from ..stages.audit.result import AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +84,7 @@ def localizable_claim(s: dict, criterion: float) -> dict:
     return {"value": bool(value) if any_data else None, "criterion": text, "best_method": best}
 
 
-def build_report(res: "AuditResult", summary: dict | None = None) -> dict:
+def build_report(res, summary: dict | None = None) -> dict:
     """The report.json dict of an audit result (``summary``: its summary, default ``res.summary``)."""
     s = summary if summary is not None else res.summary
     cfg = res.config
@@ -282,7 +277,7 @@ def _save(fig, path: Path) -> None:
     save_figure(fig, path)
 
 
-def audit_figures(res: "AuditResult", s: dict, out_dir: Path) -> list[str]:
+def audit_figures(res, s: dict, out_dir: Path) -> list[str]:
     """Write the audit's PNG figures into ``out_dir``; returns the file names written."""
     L = int(res.model["n_layers"])
     d = int(res.model["d_mlp"])
@@ -369,7 +364,7 @@ def audit_figures(res: "AuditResult", s: dict, out_dir: Path) -> list[str]:
     return made
 
 
-def write_report(res: "AuditResult", summary: dict, out_dir: Path | str) -> Path:
+def write_report(res, summary: dict, out_dir: Path | str) -> Path:
     """Write report.json (last) and the figures of an audit result into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,7 +383,7 @@ def _r(v, nd: int = 4):
         return round(float(v), nd) if math.isfinite(v) else None
     return v
 
-def circuit_report(audit: "CircuitAudit", s: dict, out_dir: Path | str | None = None) -> dict:
+def circuit_report(audit, s: dict, out_dir: Path | str | None = None) -> dict:
     """The report.json dict of a circuit audit (``s`` = ``audit.summary()``); figures go into ``out_dir`` when given."""
     fid, rel, size = s["fidelity"], s["reliability"], s["size"]
     k = size["top_k_edges"]

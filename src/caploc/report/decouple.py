@@ -5,14 +5,10 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .figures import bars_with_ci
-
-if TYPE_CHECKING:
-    from ..stages.decouple import DecoupleResult
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +21,7 @@ def _r(v, nd: int = 4):
     return v
 
 
-def build_report(res: "DecoupleResult", s: dict, out_dir: Path | str | None = None) -> dict:
+def build_report(res, s: dict, out_dir: Path | str | None = None) -> dict:
     """The report.json dict of a decoupling result (``s`` = ``res.summary()``); figures go into ``out_dir``."""
     rows, figs, claims, text = [], [], {}, []
     cfg = res.config

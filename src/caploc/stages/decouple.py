@@ -53,7 +53,12 @@ from ..report import decouple as report_decouple
 from ..results import atomic_save_tensors, atomic_write_json, read_result
 from ..stats import bootstrap_ci, expected_random_agreement, iou, overlap_rate, per_layer_counts
 from .decouple_groups import (
-    KINDS, Group, content_items, content_sharing, fact_groups, gsm_groups,
+    KINDS,
+    Group,
+    content_items,
+    content_sharing,
+    fact_groups,
+    gsm_groups,
 )
 
 log = logging.getLogger(__name__)

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .config import AuditConfig
 from .facts import Fact
-
-if TYPE_CHECKING:
-    from .result import AuditResult
 
 
 @dataclass
@@ -62,7 +59,8 @@ class Method:
         return {}
 
     @classmethod
-    def summarize(cls, result: "AuditResult", partners: list[dict]) -> dict | None:
+    def summarize(cls, result, partners: list[dict]) -> dict | None:
+        """``result``: an :class:`~caploc.stages.audit.result.AuditResult` (records, facts, config, model)."""
         raise NotImplementedError
 
 

@@ -34,12 +34,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ...data.encode import encode_prompt
 from ...errors import CaplocError, DataError
 from ...progress import bar as progress_bar
 from .base import Method
 from .circuit_eap import (
-    ablated_metric, circuit_nodes, clean_embedding, edge_attribution, make_ablation, metric_inputs, node_means,
+    ablated_metric,
+    circuit_nodes,
+    clean_embedding,
+    edge_attribution,
+    make_ablation,
+    metric_inputs,
+    node_means,
     stack_ablations,
 )
 from .circuit_graph import NodeGraph
@@ -87,7 +94,7 @@ def subject_span(tokenizer, ids: list[int], text: str, subject: str) -> tuple[in
 
 def fact_rows(facts) -> list[dict]:
     """Facts as dicts {id, phrasings, target, subject, attribute, relation}: from a caploc Dataset (``meta['subject']``,
-    ``meta['paraphrases']``) or from a sequence of objects with ``phrasings``/``target``/``subject`` (``audit.common.Fact``)."""
+    ``meta['paraphrases']``) or from a sequence of objects with ``phrasings``/``target``/``subject`` (:class:`caploc.stages.audit.facts.Fact`)."""
     rows = []
     for s in facts:
         if hasattr(s, "phrasings"):

@@ -23,8 +23,8 @@ import torch
 from transformers import DynamicCache
 
 from ...blocks import rows_cache
-from ...hooks import neuron_hooks, scale_neurons
 from ...errors import CaplocError
+from ...hooks import neuron_hooks, scale_neurons
 from ...models.layouts import Site
 from ...stats import per_layer_counts, random_layer_matched_set
 from .base import FactJob, Method, seed_parts
