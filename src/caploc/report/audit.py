@@ -1,5 +1,5 @@
 """Report of the individual-knowledge audit (``caploc audit``) and of its knowledge-circuit part: report.json dicts
-(tables, claims, figure entries) and the PNG figures, drawn with matplotlib's object API (no pyplot state).
+(tables, claims, figure entries) and the PNG figures, drawn with matplotlib's object API (Figure + its own canvas).
 
 Inputs are the stage's result objects (:class:`caploc.stages.audit.result.AuditResult`,
 :class:`caploc.stages.audit.circuit_result.CircuitAudit`) and their summaries; nothing here imports the stage.
