@@ -23,6 +23,7 @@ from caploc.stages.audit.tracing import abs_layer_diff_pmf, uniform_abs_layer_di
 from caploc.errors import CaplocError
 from caploc.hooks import count_hooks, scale_neurons
 from caploc.models.loading import load_model
+from caploc.runs import StageResult
 from caploc.stats import expected_random_agreement
 
 
@@ -482,6 +483,7 @@ def test_run_audit_tiny_roundtrip_and_resume(tmp_path, llama, monkeypatch):
         assert (out / f["file"]).stat().st_size > 0
     assert {f["file"] for f in rep["figures"]} >= {"fig_kn_layers.png", "fig_tracing_peaks.png", "fig_iou.png"}
     loaded = AuditResult.load(out)
+    assert isinstance(loaded, StageResult) and loaded.to_report(tmp_path / "rep")["claims"] == rep["claims"]
     assert len(loaded.records) == 3 and loaded.traces is not None
     assert torch.equal(loaded.traces[0][0].p_restored, res.traces[0][0].p_restored)
     s2 = summarize(loaded)

@@ -15,6 +15,7 @@ from caploc.stages.decouple import (
     group_agreement, gsm_groups,
 )
 from caploc.errors import CaplocError
+from caploc.runs import StageResult
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,7 @@ def test_result_summary_report_save_load(tmp_path):
     assert s["iou"]["commonality"]["per_group"] == pytest.approx([1.0, 0.5])
     assert s["iou"]["content"]["per_group"] == pytest.approx([0.0, 0.0])
     assert s["iou"]["commonality"]["mean"] == pytest.approx(0.75) and s["follows_commonality"] is True
+    assert isinstance(r, StageResult) and r.provenance["model_id"] == "hand"
     r.save(tmp_path)
     b = DecoupleResult.load(tmp_path)
     assert json.dumps(b.summary()) == json.dumps(r.summary())

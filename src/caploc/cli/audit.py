@@ -60,7 +60,7 @@ def audit(
 
     if report_only:
         res = AuditResult.load(out, allow_partial=True)
-        res.to_report(out)
+        res.write_report(out)
         print_audit(res)
         console.print(f"{'finished' if res.complete else 'UNFINISHED'} audit: {len(res.records)} facts; "
                       f"wrote {out}/report.json and figures")

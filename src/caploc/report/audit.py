@@ -364,15 +364,21 @@ def audit_figures(res, s: dict, out_dir: Path) -> list[str]:
     return made
 
 
-def write_report(res, summary: dict, out_dir: Path | str) -> Path:
-    """Write report.json (last) and the figures of an audit result into ``out_dir``."""
+def audit_report(res, summary: dict, out_dir: Path | str) -> dict:
+    """The report.json dict of an audit result (strict JSON) with its figures written into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rep = build_report(res, summary)
     made = set(audit_figures(res, summary, out_dir))
     rep["figures"] = [f for f in rep["figures"] if f["file"] in made]
-    atomic_write_json(out_dir / "report.json", strict_json(rep))
-    return out_dir / "report.json"
+    return strict_json(rep)
+
+
+def write_report(res, summary: dict, out_dir: Path | str) -> Path:
+    """Write the figures and then report.json of an audit result into ``out_dir``; returns the report.json path."""
+    rep = audit_report(res, summary, out_dir)
+    atomic_write_json(Path(out_dir) / "report.json", rep)
+    return Path(out_dir) / "report.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

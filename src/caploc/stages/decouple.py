@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -193,11 +193,18 @@ class DomainResult:
 class DecoupleResult:
     """Per domain: groups, per-sample neuron sets, within-group agreement; plus config and provenance."""
 
+    kind: ClassVar[str] = "decouple_result"
+
     domains: dict[str, DomainResult]
     n_layers: int
     d_mlp: int
     config: dict
     meta: dict = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> dict:
+        """The model (id, fingerprint, type, neuron site) this result was measured on."""
+        return {k: self.meta.get(k) for k in ("model_id", "model_fingerprint", "model_type", "neuron_site")}
 
     def summary(self) -> dict:
         seed, n_boot = int(self.config.get("seed", 0)), int(self.config.get("n_boot", 2000))

@@ -179,6 +179,11 @@ class CircuitAudit:
                 "nodes_mean": float(np.mean(inner)), "node_share_mean": float(np.mean(inner)) / n_nodes,
                 "param_share_mean": float(ps.mean()), "param_share_min": float(ps.min()), "param_share_max": float(ps.max())}
 
+    @property
+    def provenance(self) -> dict:
+        """The model and data set the circuits were built on."""
+        return {k: self.meta.get(k) for k in ("model_id", "model_fingerprint", "dataset", "dataset_fingerprint")}
+
     # ---- report ----------------------------------------------------------------------------------------------------
     def summary(self) -> dict:
         return {"fidelity": self.fidelity(seed=int(self.config.get("seed", 0))), "reliability": self.reliability(),

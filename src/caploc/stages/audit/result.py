@@ -126,11 +126,13 @@ class AuditResult:
         """The report.json dict (tables, figure entries, claims); see docs/DEVELOPING.md."""
         return report_audit.build_report(self, self.summary or summarize(self))
 
-    def to_report(self, out_dir: Path | str | None = None) -> Path:
-        """Write report.json and its PNG figures into ``out_dir`` (default: where the result was saved)."""
-        return report_audit.write_report(self, self.summary or summarize(self), Path(out_dir or self.out_dir))
+    def to_report(self, out_dir: Path | str | None = None) -> dict:
+        """Write the PNG figures into ``out_dir`` (default: where the result was saved); return the report.json dict."""
+        return report_audit.audit_report(self, self.summary or summarize(self), Path(out_dir or self.out_dir))
 
-    write_report = to_report  # the name used before the stage-layer refactor
+    def write_report(self, out_dir: Path | str | None = None) -> Path:
+        """Write the figures and then report.json into ``out_dir`` (default: where the result was saved)."""
+        return report_audit.write_report(self, self.summary or summarize(self), Path(out_dir or self.out_dir))
 
 
 def load_traces(out_dir: Path, rec: dict) -> list[PhrasingTrace] | None:

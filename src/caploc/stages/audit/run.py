@@ -26,6 +26,7 @@ from pathlib import Path
 from ...data import pad_id
 from ...progress import bar
 from ...results import atomic_save_tensors, atomic_write_json
+from ...runs import commit
 from .base import FactJob, Method
 from .config import AuditConfig
 from .facts import Fact, encode_fact, select_facts
@@ -137,8 +138,7 @@ def run_audit(lm, dataset, cfg: AuditConfig, out_dir: Path | str, *, overwrite: 
     result.summary["seconds_this_run"] = round(time.time() - t_start, 1)
     for m in methods:
         result.summary.update(m.run_info())
-    result.save(out_dir)
-    result.to_report(out_dir)
+    commit(result, out_dir)  # facts, audit.json, then figures and report.json (last)
     return result
 
 
