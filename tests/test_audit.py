@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from caploc.audit.common import (
-    Fact, control_partners, facts_from_dataset, fidelity_summary, layer_iou, random_set_iou, set_iou, weighted_iou,
+from caploc.stages.audit.config import AuditConfig, KNConfig, TracingConfig
+from caploc.stages.audit.facts import Fact, facts_from_dataset
+from caploc.stages.audit.kn import kn_select
+from caploc.stages.audit.metrics import (
+    control_partners, fidelity_summary, layer_iou, random_set_iou, set_iou, weighted_iou,
 )
-from caploc.audit.kn import KNConfig, kn_select, refine, share_threshold, target_probs
-from caploc.audit.run import AuditConfig, AuditResult, row_set_probs, run_audit, summarize
-from caploc.audit.tracing import (
-    Tracer, TracingConfig, abs_layer_diff_pmf, embedding_std, find_attention, subject_positions,
-    uniform_abs_layer_diff,
-)
+from caploc.stages.audit.neurons import refine, row_set_probs, share_threshold, target_probs
+from caploc.stages.audit.result import AuditResult, summarize
+from caploc.stages.audit.run import run_audit
+from caploc.stages.audit.tracer import Tracer, embedding_std, find_attention, subject_positions
+from caploc.stages.audit.tracing import abs_layer_diff_pmf, uniform_abs_layer_diff
 from caploc.errors import CaplocError
 from caploc.hooks import count_hooks, scale_neurons
 from caploc.models.loading import load_model
+from caploc.runs import StageResult
 from caploc.stats import expected_random_agreement
 
 
@@ -435,16 +436,21 @@ def _facts_file(tmp_path):
 def test_run_audit_tiny_roundtrip_and_resume(tmp_path, llama, monkeypatch):
     from caploc.data import load_dataset
 
-    fake = types.ModuleType("caploc.audit.circuits")
+    from caploc.stages.audit import circuits as circuits_mod
 
-    class _CA:
+    class _CA:  # stands in for a CircuitAudit: the audit consumes its param_sets / universe / summary / save
         def __init__(self, facts):
             self.param_sets = [[{"L0.attn": 100.0, "L1.mlp": 300.0} if j == 0 else {"L1.mlp": 300.0}
                                 for j in range(len(f.phrasings))] for f in facts]
             self.universe = {"L0.attn": 100.0, "L1.mlp": 300.0, "L2.mlp": 300.0}
 
-    fake.audit_circuits = lambda lm, facts, cfg: _CA(facts)
-    monkeypatch.setitem(sys.modules, "caploc.audit.circuits", fake)
+        def summary(self):
+            return {}
+
+        def save(self, out_dir):
+            return out_dir
+
+    monkeypatch.setattr(circuits_mod, "audit_circuits", lambda lm, facts, cfg: _CA(facts))
     ds = load_dataset(str(_facts_file(tmp_path)), group_field="group")
     cfg = AuditConfig(methods=("kn", "tracing", "cnl", "circuits"), n_facts=3, known="none",
                       kn=KNConfig(steps=2), tracing=TracingConfig(n_noise=2), n_random=2, cnl_sigma=3.0)
@@ -477,6 +483,7 @@ def test_run_audit_tiny_roundtrip_and_resume(tmp_path, llama, monkeypatch):
         assert (out / f["file"]).stat().st_size > 0
     assert {f["file"] for f in rep["figures"]} >= {"fig_kn_layers.png", "fig_tracing_peaks.png", "fig_iou.png"}
     loaded = AuditResult.load(out)
+    assert isinstance(loaded, StageResult) and loaded.to_report(tmp_path / "rep")["claims"] == rep["claims"]
     assert len(loaded.records) == 3 and loaded.traces is not None
     assert torch.equal(loaded.traces[0][0].p_restored, res.traces[0][0].p_restored)
     s2 = summarize(loaded)
@@ -499,12 +506,9 @@ def test_run_audit_tiny_roundtrip_and_resume(tmp_path, llama, monkeypatch):
     assert part.summary["n_facts"] == 2
 
 
-def test_circuits_absent_and_config_errors(tmp_path, monkeypatch):
-    from caploc.audit.run import run_circuits
-
-    monkeypatch.setitem(sys.modules, "caploc.audit.circuits", None)  # import raises ModuleNotFoundError
-    st = run_circuits(None, [], AuditConfig(), tmp_path)
-    assert st["status"] == "absent"
+def test_audit_config_errors():
+    with pytest.raises(CaplocError):  # an unknown circuits option fails at construction, before the per-fact loop
+        AuditConfig(methods=("kn", "circuits"), circuits={"top_kk": 3})
     for bad in (dict(methods=("kn", "rome")), dict(n_facts=0), dict(known="maybe"), dict(cnl_method="x")):
         with pytest.raises(CaplocError):
             AuditConfig(**bad)

@@ -10,10 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from caploc.audit.circuits import (
-    CircuitAudit, CircuitConfig, NodeGraph, ParamSet, ablated_metric, audit_circuits, circuit_nodes, clean_embedding,
-    edge_attribution, make_ablation, node_means, param_ranges, param_sets, stack_ablations, subject_span, tap,
+from caploc.stages.audit.circuit_eap import (
+    ablated_metric, circuit_nodes, clean_embedding, edge_attribution, make_ablation, node_means, stack_ablations, tap,
 )
+from caploc.stages.audit.circuit_graph import NodeGraph
+from caploc.stages.audit.circuit_result import CircuitAudit, ParamSet, param_ranges, param_sets
+from caploc.stages.audit.circuits import audit_circuits, subject_span
+from caploc.stages.audit.config import CircuitConfig
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
 from caploc.hooks import count_hooks
@@ -474,7 +477,7 @@ def test_audit_end_to_end_tiny(tmp_path):
     pr = param_ranges(res)
     assert len(pr) == 8 and pr[0].n_params() == sum(ps[0][0].values())
     # the audit's own Fact objects work too
-    from caploc.audit.common import facts_from_dataset
+    from caploc.stages.audit.facts import facts_from_dataset
     facts, dropped = facts_from_dataset(_tiny_facts())
     res2 = audit_circuits(lm, facts, cfg, progress=False)
     assert dropped == 1 and res2.n_phrasings == 8 and [len(f) for f in res2.param_sets] == [3, 3, 2]

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from caploc.data import load_dataset
-from caploc.decouple import (
+from caploc.stages.decouple import (
     DecoupleConfig, DecoupleResult, DomainResult, Group, content_items, content_sharing, diff_ci, fact_groups,
     group_agreement, gsm_groups,
 )
 from caploc.errors import CaplocError
+from caploc.runs import StageResult
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,7 @@ def test_result_summary_report_save_load(tmp_path):
     assert s["iou"]["commonality"]["per_group"] == pytest.approx([1.0, 0.5])
     assert s["iou"]["content"]["per_group"] == pytest.approx([0.0, 0.0])
     assert s["iou"]["commonality"]["mean"] == pytest.approx(0.75) and s["follows_commonality"] is True
+    assert isinstance(r, StageResult) and r.provenance["model_id"] == "hand"
     r.save(tmp_path)
     b = DecoupleResult.load(tmp_path)
     assert json.dumps(b.summary()) == json.dumps(r.summary())
@@ -151,7 +153,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 
 def test_domain_without_groups_is_skipped_or_refused():
-    from caploc.decouple import decouple
+    from caploc.stages.decouple import decouple
     from caploc.errors import DataError
     from caploc.models import load_model
 

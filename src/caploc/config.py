@@ -119,7 +119,7 @@ def _declared_kind(f: dataclasses.Field) -> type | None:
     """The kind a field's annotation names (``int | None`` -> int), for fields whose default is None."""
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     words = set(t.replace("|", " ").replace("[", " ").replace("]", " ").replace(",", " ").split())
-    for kind in (bool, int, float, str, list, tuple, dict):
+    for kind in (list, tuple, dict, bool, int, float, str):  # containers first: list[int] | None is a list
         if kind.__name__ in words:
             return kind
     return None

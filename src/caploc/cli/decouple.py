@@ -6,47 +6,49 @@ from typing import Optional
 
 import typer
 
+from ..stages.decouple import DecoupleConfig
 from .app import app, console, load_model_from_opts
+from .options import opt, split_list
+
+D = DecoupleConfig
 
 
 @app.command()
 def decouple(
     model: str = typer.Option("smollm2-135m", help="Built-in 'smollm2-135m', a local HF model dir, a cached HF id, or tiny:<arch>."),
-    domains: str = typer.Option("gsm_symbolic,facts", help="Comma-separated: gsm_symbolic, facts."),
-    n_groups: int = typer.Option(8, help="Groups per kind (commonality / content / random) and domain."),
-    group_size: int = typer.Option(5, help="Samples per group."),
+    domains: str = opt(D, "domains"),
+    n_groups: int = opt(D, "n_groups"),
+    group_size: int = opt(D, "group_size"),
     full: bool = typer.Option(False, "--full", help="Paper scale: 50 groups x 20 = 1000 samples per kind (pool 20000)."),
-    pool_size: Optional[int] = typer.Option(None, help="gsm_symbolic problems generated to search groups in (default 2000)."),
-    seed: int = typer.Option(0, help="Seed of the pool and of the group choice."),
-    gsm_target: str = typer.Option("cot", help="gsm_symbolic target: cot (gold chain of thought) or answer."),
-    method: str = typer.Option("grad_x_act", help="Per-sample attribution: grad_x_act | ig (exact per-layer IG)."),
-    steps: int = typer.Option(8, help="IG steps (method=ig)."),
-    rule: str = typer.Option("sigma", help="Per-sample selection: sigma | topk."),
-    sigma: float = typer.Option(6.0, help="sigma rule: Attr > mean + sigma*sd of the sample."),
-    topk: int = typer.Option(200, help="topk rule: neurons per sample."),
-    batch_size: int = typer.Option(4, help="Samples per forward/backward (grad_x_act)."),
-    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the CIs."),
-    chat: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
+    # default None: the config's pool size (2000), or 20000 with --full
+    pool_size: Optional[int] = opt(D, "pool_size", default=None),
+    seed: int = opt(D, "seed"),
+    gsm_target: str = opt(D, "gsm_target"),
+    method: str = opt(D, "method"),
+    steps: int = opt(D, "steps"),
+    rule: str = opt(D, "rule"),
+    sigma: float = opt(D, "sigma"),
+    topk: int = opt(D, "topk"),
+    batch_size: int = opt(D, "batch_size"),
+    n_boot: int = opt(D, "n_boot"),
+    chat: bool = opt(D, "chat"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | auto | an accelerator"),
     layout: Optional[str] = typer.Option(None, help="Custom MLP layout for unknown architectures."),
     out: Path = typer.Option(Path("runs/decouple"), help="Output directory (report.json, figures, sets)."),
 ):
     """Comparative groups (same template / shared content across templates / random) -> per-sample neuron sets ->
     within-group IoU with bootstrap CIs."""
-    from ..decouple import DecoupleConfig
-    from ..decouple import decouple as run_decouple
-
-    kw = dict(domains=[d.strip() for d in domains.split(",") if d.strip()], seed=seed, gsm_target=gsm_target,
-              method=method, steps=steps, rule=rule, sigma=sigma, topk=topk, batch_size=batch_size, n_boot=n_boot,
-              chat=chat)
-    if full:
-        cfg = DecoupleConfig.full(**kw, **({"pool_size": pool_size} if pool_size else {}))
-    else:
-        cfg = DecoupleConfig(n_groups=n_groups, group_size=group_size, pool_size=pool_size or 2000, **kw)
-    lm = load_model_from_opts(model, dtype, device, None, layout)
-    res = run_decouple(lm, cfg, out)
     from rich.table import Table
 
+    from ..stages.decouple import decouple as run_decouple
+
+    kw = dict(domains=split_list(domains), seed=seed, gsm_target=gsm_target, method=method, steps=steps, rule=rule,
+              sigma=sigma, topk=topk, batch_size=batch_size, n_boot=n_boot, chat=chat)
+    if pool_size:
+        kw["pool_size"] = pool_size
+    cfg = DecoupleConfig.full(**kw) if full else DecoupleConfig(n_groups=n_groups, group_size=group_size, **kw)
+    lm = load_model_from_opts(model, dtype, device, None, layout)
+    res = run_decouple(lm, cfg, out)
     s = res.summary()
     t = Table("domain", "groups", "n", "IoU", "95% CI", "chance", title=f"decoupling on {lm.model_id}")
     for dom, d in s.items():

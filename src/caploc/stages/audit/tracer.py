@@ -1,4 +1,4 @@
-"""Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", ROME), per phrasing.
+"""The causal tracer (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", ROME), per phrasing.
 
 Three runs of the same prompt:
 
@@ -45,55 +45,19 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
+from transformers import DynamicCache
 
-from ..blocks import get_hidden, rows_cache, staggered_blocks
-from ..errors import ArchitectureError, CaplocError, DataError
-from ..models.layouts import Site
+from ...blocks import get_hidden, rows_cache, staggered_blocks
+from ...errors import ArchitectureError, CaplocError, DataError
+from ...models.layouts import Site
+from .config import TRACE_KINDS, TracingConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("hidden", "mlp", "attn")
-TOKEN_MODES = ("subject", "key", "all")
+KINDS = TRACE_KINDS
 TOKEN_CLASSES = ("last_subject", "last", "other")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# configuration
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class TracingConfig:
-    """Causal-tracing settings (validated on construction)."""
-
-    noise_mult: float = 3.0  # noise sd = noise_mult * sd of the embedding matrix entries (ROME: 3)
-    n_noise: int = 5  # independent noise samples per phrasing (ROME: 10)
-    kinds: tuple[str, ...] = KINDS  # which states are restored
-    tokens: str = "subject"  # subject (subject tokens + last token) | key (last subject token + last token) | all
-    window: int = 1  # layers restored together for mlp / attn (ROME's figures: 10)
-    reuse: bool = True  # layer skipping (rows enter the batch at their restored layer) + prefix cache
-    max_rows: int = 256  # rows per forward pass
-
-    def __post_init__(self):
-        self.kinds = tuple(self.kinds)
-        if not self.kinds or any(k not in KINDS for k in self.kinds):
-            raise CaplocError(f"tracing kinds {self.kinds!r} must be a non-empty subset of {', '.join(KINDS)}")
-        if self.tokens not in TOKEN_MODES:
-            raise CaplocError(f"tracing tokens {self.tokens!r}: choose one of {', '.join(TOKEN_MODES)}")
-        if not self.noise_mult > 0:
-            raise CaplocError(f"noise_mult must be > 0, got {self.noise_mult}")
-        if not isinstance(self.n_noise, int) or self.n_noise < 1:
-            raise CaplocError(f"n_noise must be a positive integer, got {self.n_noise!r}")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise CaplocError(f"window must be a positive integer, got {self.window!r}")
-        if self.max_rows < 1:
-            raise CaplocError("max_rows must be positive")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["kinds"] = list(self.kinds)
-        return d
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -422,8 +386,6 @@ class Tracer:
 
     def prefix_cache(self, ids, subject_pos: list[int], noise: torch.Tensor, start: int):
         """KV cache of the corrupted prompt's positions < ``start`` for the ``n_noise`` rows (row z = noise z)."""
-        from transformers import DynamicCache
-
         dev = self.site.input_device()
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=dev)[:start]
         cols = [c for c, p in enumerate(subject_pos) if p < start]
@@ -540,21 +502,3 @@ class Tracer:
         return PhrasingTrace(p_clean=p_clean, p_corrupt=p_corrupt, p_corrupt_rows=[float(x) for x in p_rows],
                              p_restored=p_restored, kinds=kinds, positions=positions, classes=classes,
                              subject_pos=list(subject_pos), n_tokens=T, noise_sd=self.noise_sd)
-
-
-def uniform_same_layer_chance(n_layers: int) -> float:
-    """P(two independent uniform layers are equal) = 1 / L."""
-    return 1.0 / n_layers
-
-
-def uniform_abs_layer_diff(n_layers: int) -> float:
-    """E|l1 - l2| for two independent uniform layers in 0..L-1: (L^2 - 1) / (3 L)."""
-    L = n_layers
-    return (L * L - 1) / (3.0 * L)
-
-
-def abs_layer_diff_pmf(n_layers: int) -> np.ndarray:
-    """P(|l1 - l2| = d), d = 0..L-1, for two independent uniform layers."""
-    L = n_layers
-    p = np.array([(L if d == 0 else 2 * (L - d)) / (L * L) for d in range(L)], dtype=np.float64)
-    return p

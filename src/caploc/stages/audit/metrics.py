@@ -1,14 +1,5 @@
-"""Facts, the known-fact filter, and the common fidelity metric of the individual-knowledge audit.
+"""The common fidelity metric of the individual-knowledge audit, its controls, and the summaries over facts.
 
-Facts
------
-A :class:`Fact` has phrasings ``[prompt, *meta["paraphrases"]]`` (a Sample's prompt and paraphrases), one target (the
-attribute, scored by its FIRST token, as KN and ROME do), an optional subject (needed for causal tracing) and a
-*template key* per phrasing: the phrasing with the subject replaced by ``{}`` (used to pair phrasings of two facts
-that share a wording).
-
-Common metric
--------------
 For every method, each phrasing gets a *localized parameter set*; fidelity is the IoU of those sets between the
 paraphrases of one fact, over all unordered pairs:
 
@@ -29,140 +20,13 @@ within a fact are not independent).
 from __future__ import annotations
 
 import itertools
-import logging
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from ..data import Sample, encode
-from ..errors import CaplocError, DataError
-from ..stats import bootstrap_ci, expected_random_agreement, iou, per_layer_counts
-
-log = logging.getLogger(__name__)
-
-KNOWN_MODES = ("none", "prob", "topk")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# facts
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Fact:
-    """One fact and its phrasings (``phrasings[0]`` is the original prompt)."""
-
-    id: str
-    phrasings: list[str]
-    target: str
-    subject: str | None = None
-    relation: str | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def prompt(self) -> str:
-        return self.phrasings[0]
-
-    @property
-    def paraphrases(self) -> list[str]:
-        return self.phrasings[1:]
-
-    def template_keys(self) -> list[str | None]:
-        if not self.subject:
-            return [None] * len(self.phrasings)
-        return [p.replace(self.subject, "{}") if self.subject in p else None for p in self.phrasings]
-
-    def samples(self) -> list[Sample]:
-        return [Sample(prompt=p, target=self.target, group=self.relation or "", id=f"{self.id}#{j}",
-                       meta={"subject": self.subject}) for j, p in enumerate(self.phrasings)]
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Fact":
-        return cls(**d)
-
-
-def facts_from_dataset(ds, *, min_phrasings: int = 2, max_phrasings: int | None = None) -> tuple[list[Fact], int]:
-    """Facts from a Dataset whose samples carry ``meta["paraphrases"]`` (built-in ``facts`` or a user file with a
-    ``paraphrases`` field; ``subject`` from ``meta["subject"]`` if present). Facts with fewer than ``min_phrasings``
-    distinct phrasings are dropped (returned count); ``max_phrasings`` keeps the first k phrasings."""
-    if min_phrasings < 2:
-        raise CaplocError("min_phrasings must be >= 2: fidelity compares the phrasings of one fact")
-    if max_phrasings is not None and max_phrasings < min_phrasings:
-        raise CaplocError(f"max_phrasings ({max_phrasings}) must be >= min_phrasings ({min_phrasings})")
-    facts, dropped, with_para = [], 0, 0
-    for s in ds:
-        paras = s.meta.get("paraphrases")
-        if paras is None:
-            paras = []
-        else:
-            with_para += 1
-        phr = []
-        for p in [s.prompt, *paras]:
-            if isinstance(p, str) and p.strip() and p not in phr:
-                phr.append(p)
-        if max_phrasings is not None:
-            phr = phr[:max_phrasings]
-        if len(phr) < min_phrasings:
-            dropped += 1
-            continue
-        subj = s.meta.get("subject")
-        facts.append(Fact(id=s.id, phrasings=phr, target=s.target, subject=str(subj) if subj else None,
-                          relation=str(s.group) if s.group not in (None, "") else s.meta.get("relation_id"),
-                          meta={k: v for k, v in s.meta.items() if k in ("attribute", "relation_id", "known_id")}))
-    if with_para == 0:
-        raise DataError(f"dataset '{getattr(ds, 'name', '?')}' has no 'paraphrases' field; the audit needs facts "
-                        "with paraphrases (use --facts facts or a file with prompt, target, paraphrases[, subject])")
-    return facts, dropped
-
-
-def encode_fact(tokenizer, fact: Fact, chat: bool = False):
-    """Encoded phrasings (prompt + target tokens) of a fact."""
-    return [encode(tokenizer, s, chat=chat) for s in fact.samples()]
-
-
-def knowledge_probe(site, tokenizer, facts: Sequence[Fact], batch_size: int = 32) -> list[dict]:
-    """Per fact: P(first target token) and its rank (0 = top-1) on every phrasing."""
-    from .kn import _batch
-
-    model = site.model
-    dev = site.input_device()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    items = []
-    for fi, f in enumerate(facts):
-        for j, e in enumerate(encode_fact(tokenizer, f)):
-            items.append((fi, j, e))
-    probs = [[None] * len(f.phrasings) for f in facts]
-    ranks = [[None] * len(f.phrasings) for f in facts]
-    for b0 in range(0, len(items), batch_size):
-        chunk = items[b0 : b0 + batch_size]
-        ids, att, last, tgt = _batch([e for *_, e in chunk], pad)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).logits
-        lg = logits[torch.arange(len(chunk), device=logits.device), last.to(logits.device)].float()
-        pr = lg.softmax(-1)
-        pt = pr.gather(1, tgt.to(pr.device)[:, None])
-        rk = (pr > pt).sum(1)
-        for k, (fi, j, _) in enumerate(chunk):
-            probs[fi][j] = float(pt[k, 0])
-            ranks[fi][j] = int(rk[k])
-    return [{"p": p, "rank": r} for p, r in zip(probs, ranks)]
-
-
-def is_known(probe: dict, mode: str, threshold: float, topk: int, on: str = "prompt") -> bool:
-    """Known = P(first target token) >= threshold (mode prob) or rank < topk (mode topk) on the original prompt
-    (``on="prompt"``) or on every phrasing (``on="all"``)."""
-    if mode == "none":
-        return True
-    idx = [0] if on == "prompt" else range(len(probe["p"]))
-    if mode == "prob":
-        return all(probe["p"][j] >= threshold for j in idx)
-    if mode == "topk":
-        return all(probe["rank"][j] < topk for j in idx)
-    raise CaplocError(f"known filter {mode!r}: choose one of {', '.join(KNOWN_MODES)}")
+from ...stats import bootstrap_ci, expected_random_agreement, iou, per_layer_counts
+from .facts import Fact
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,6 +67,14 @@ def weighted_iou(a: dict, b: dict) -> float:
     if union <= 0:
         return float("nan")
     return sum(w[k] for k in set(a) & set(b)) / union
+
+
+def weighted_index_iou(a, b, w: np.ndarray) -> float:
+    """Weighted IoU of two sets of unit indices with unit weights ``w`` (nan if the union weighs 0)."""
+    inter = np.intersect1d(a, b)
+    union = np.union1d(a, b)
+    den = float(w[union].sum())
+    return float(w[inter].sum()) / den if den > 0 else float("nan")
 
 
 def random_weighted_iou(a: dict, b: dict, universe: dict, n_draws: int = 200, seed: int = 0) -> float:
