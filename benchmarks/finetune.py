@@ -32,7 +32,7 @@ def child(args) -> dict:
     import torch
 
     from caploc.data import encode_dataset, load_dataset
-    from caploc.finetune import FinetuneConfig, NeuronAdapter, train
+    from caploc.stages.finetune import FinetuneConfig, NeuronAdapter, train
     from caploc.hooks import frozen
     from caploc.models.loading import load_model
     from caploc.results import NeuronSet
@@ -76,7 +76,7 @@ def child(args) -> dict:
     elif args.arm == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from caploc.finetune import _lora_targets
+        from caploc.stages.finetune.experiment import lora_targets as _lora_targets
 
         targets = _lora_targets(lm.site)
         pm = get_peft_model(lm.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,

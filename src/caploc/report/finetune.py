@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from . import figures as F
 
-if TYPE_CHECKING:
-    from ..stages.finetune.result import FinetuneResult
+#: a ``caploc.stages.finetune.FinetuneResult`` (not imported: report modules sit below the stages)
+FinetuneResult = Any
 
 
 def _fmt(x, nd=4):
@@ -32,7 +32,7 @@ def _random_stats(rnd, dsets) -> tuple[list[float], list[float]]:
     return m, s
 
 
-def _tables(res: "FinetuneResult", dsets: list[str], role: dict) -> list[dict]:
+def _tables(res: FinetuneResult, dsets: list[str], role: dict) -> list[dict]:
     rnd = [a for a in res.arms if a.kind == "random"]
     cfg = res.config
     rows = [["untuned", 0, "-", *[_fmt(res.untuned[d]["nll"]) for d in dsets], None]]
@@ -68,7 +68,7 @@ def _tables(res: "FinetuneResult", dsets: list[str], role: dict) -> list[dict]:
                        "rows": srows,
                        "note": f"validation = {sweep['n']} of the training samples (fraction {sweep['fraction']}, "
                                f"seed {cfg['seed']}), never trained on; the evaluation sets do not choose the rate. "
-                               "The random arms' rate is selected on the first random set and used for all of them; "
+                               "Every random set is swept on its own (the control gets the same tuning); "
                                "a diverged run (non-finite loss) has validation NLL inf."})
     if res.comparisons:
         crow = []
@@ -94,7 +94,7 @@ def _tables(res: "FinetuneResult", dsets: list[str], role: dict) -> list[dict]:
     return tables
 
 
-def loss_figure(res: "FinetuneResult", path: Path) -> Path:
+def loss_figure(res: FinetuneResult, path: Path) -> Path:
     """Training loss per step of every arm (random arms thin and grey, one legend entry)."""
     rnd = [a for a in res.arms if a.kind == "random"]
     fig, ax = F.new_figure((6.5, 4.0), left=0.8, bottom=0.6)
@@ -109,7 +109,7 @@ def loss_figure(res: "FinetuneResult", path: Path) -> Path:
     return F.save_figure(fig, path)
 
 
-def delta_figure(res: "FinetuneResult", dsets: list[str], role: dict, path: Path) -> Path:
+def delta_figure(res: FinetuneResult, dsets: list[str], role: dict, path: Path) -> Path:
     """ΔNLL per arm and dataset (random arms: mean ± sd)."""
     rnd = [a for a in res.arms if a.kind == "random"]
     fig, ax = F.new_figure((max(6.0, 1.6 * len(dsets)), 4.0), left=0.8, bottom=0.9)
@@ -129,7 +129,7 @@ def delta_figure(res: "FinetuneResult", dsets: list[str], role: dict, path: Path
     return F.save_figure(fig, path)
 
 
-def build_report(res: "FinetuneResult", out_dir: Path | str) -> dict:
+def build_report(res: FinetuneResult, out_dir: Path | str) -> dict:
     """Write ``fig_loss.png`` and ``fig_delta.png`` into ``out_dir`` and return the ``report.json`` dict."""
     out_dir = Path(out_dir)
     dsets = list(res.untuned)

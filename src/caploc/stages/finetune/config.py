@@ -9,7 +9,7 @@ from ...errors import CaplocError
 ARMS = ("neurons", "random", "full", "lora")
 #: settings added with the learning-rate sweep; left out of the resume key while unset, so runs made before the
 #: sweep existed still resume
-SWEEP_KEYS = ("neurons_lrs", "random_lrs", "full_lrs", "lora_lrs", "val_fraction")
+SWEEP_KEYS = ("lrs", "neurons_lrs", "random_lrs", "full_lrs", "lora_lrs", "val_fraction")
 _LR = dict(min=0, min_exclusive=True)
 
 
@@ -17,10 +17,12 @@ _LR = dict(min=0, min_exclusive=True)
 class FinetuneConfig:
     """Training and evaluation settings shared by all arms (only the learning rate can differ per arm).
 
-    Without a sweep every arm trains on the whole training set at ``lr`` (``full_lr`` / ``lora_lr`` where given).
-    With a sweep (any ``*_lrs`` list set) a validation split (``val_fraction`` of the training data) is held out of
-    training; every arm is trained at each of its rates and the rate with the lowest validation NLL is the arm's
-    result (the evaluation sets never choose a rate). An arm without a list of its own uses its single rate.
+    Without a sweep (the default) every arm trains on the whole training set at ``lr`` (``full_lr`` / ``lora_lr``
+    where given). With a sweep (``lrs``, or a per-arm ``*_lrs`` list) a validation split (``val_fraction`` of the
+    training data, never trained on) is held out; every arm (each random set on its own) is trained at each of its
+    rates on the rest and the rate with the lowest validation NLL is the arm's result. The evaluation sets (held-out
+    samples / templates, off-target sets) never choose a rate. An arm's rates: its own list, else ``lrs``, else its
+    single rate.
     """
 
     arms: tuple[str, ...] = setting(("neurons", "random", "full"), choices=ARMS,
@@ -47,14 +49,16 @@ class FinetuneConfig:
     metrics: tuple[str, ...] = setting(("nll",), choices=("nll", "accuracy"),
                                        help="nll and/or accuracy (comma list; accuracy generates and is slow).")
     save_adapters: bool = setting(True, help="Save the neuron and random arms' adapters.")
+    lrs: tuple[float, ...] = setting((), **_LR, item=float,
+                                     help="Learning-rate sweep of every arm (comma list; empty = no sweep, one rate).")
     neurons_lrs: tuple[float, ...] = setting((), **_LR, item=float,
-                                             help="Learning-rate sweep of the neurons arm (comma list; empty = --lr).")
+                                             help="Learning-rate sweep of the neurons arm (empty = --lrs).")
     random_lrs: tuple[float, ...] = setting((), **_LR, item=float,
                                             help="Learning-rate sweep of the random arms (empty = the neurons arm's).")
     full_lrs: tuple[float, ...] = setting((), **_LR, item=float,
-                                          help="Learning-rate sweep of the full arm (empty = --full-lr or --lr).")
+                                          help="Learning-rate sweep of the full arm (empty = --lrs).")
     lora_lrs: tuple[float, ...] = setting((), **_LR, item=float,
-                                          help="Learning-rate sweep of the lora arm (empty = --lora-lr or --lr).")
+                                          help="Learning-rate sweep of the lora arm (empty = --lrs).")
     val_fraction: float = setting(0.25, min=0, max=0.9, min_exclusive=True,
                                   help="Share of the training data held out to pick each arm's learning rate "
                                        "(only with a sweep).")
@@ -64,7 +68,7 @@ class FinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, tuple(a.strip() for a in v.split(",") if a.strip()))
-        for name in ("arms", "metrics", "betas", *SWEEP_KEYS[:4]):
+        for name in ("arms", "metrics", "betas", *SWEEP_KEYS[:5]):
             v = getattr(self, name)
             if isinstance(v, list):
                 setattr(self, name, tuple(v))
@@ -77,7 +81,7 @@ class FinetuneConfig:
             raise CaplocError(f"n_random={self.n_random!r}: the random arm needs at least 1 seed (--n-random 3)")
         if len(self.betas) != 2:
             raise CaplocError(f"betas={self.betas!r} must be two numbers")
-        for name in SWEEP_KEYS[:4]:
+        for name in SWEEP_KEYS[:5]:
             v = getattr(self, name)
             if len(set(v)) != len(v):
                 raise CaplocError(f"{name}={list(v)} lists a rate twice; name each once")
@@ -96,13 +100,14 @@ class FinetuneConfig:
     @property
     def sweep(self) -> bool:
         """True when a learning-rate sweep (and so a validation split) is configured."""
-        return any(getattr(self, k) for k in SWEEP_KEYS[:4])
+        return any(getattr(self, k) for k in SWEEP_KEYS[:5])
 
     def arm_lrs(self, arm: str) -> list[float]:
-        """The rates ``arm`` is trained at: its sweep list, else (random) the neurons arm's list, else its one rate."""
+        """The rates ``arm`` is trained at: its own list (random: else the neurons arm's), else ``lrs``, else its one
+        rate."""
         own = {"neurons": self.neurons_lrs, "random": self.random_lrs or self.neurons_lrs, "full": self.full_lrs,
                "lora": self.lora_lrs}[arm]
-        return [float(x) for x in own] or [self.arm_lr(arm)]
+        return [float(x) for x in (own or self.lrs)] or [self.arm_lr(arm)]
 
     def to_dict(self) -> dict:
         return to_mapping(self)

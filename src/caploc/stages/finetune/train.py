@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...data import collate, encode_dataset
 from ...data import pad_id as token_pad_id
 from ...errors import CaplocError
 from ...hooks import frozen
+from ...progress import track
 from .adapter import NeuronAdapter, unwrap
 from .config import FinetuneConfig
 
@@ -31,10 +31,10 @@ class DivergedError(CaplocError):
     """The training loss became non-finite (the learning rate is too high)."""
 
 
-def collate_batch(encoded: Sequence, pad: int, device=None) -> dict[str, torch.Tensor]:
+def collate_batch(encoded: Sequence, pad_id: int, device=None) -> dict[str, torch.Tensor]:
     """Right-padded batch (:func:`caploc.data.collate`): ``input_ids``/``attention_mask`` [B, T] and ``target_mask``
     [B, T] (True on target tokens)."""
-    ids, att = collate([e.input_ids for e in encoded], pad)
+    ids, att = collate([e.input_ids for e in encoded], pad_id)
     tgt = torch.zeros(ids.shape, dtype=torch.bool)
     for b, e in enumerate(encoded):
         tgt[b, e.prompt_len:len(e.input_ids)] = True
@@ -122,8 +122,7 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
     ctx = context() if context is not None else contextlib.nullcontext()
     try:
         with ctx, torch.enable_grad():
-            for step, idx in enumerate(tqdm(order, desc=desc, unit="step", leave=False, disable=progress is False
-                                            if progress is not None else None)):
+            for step, idx in enumerate(track(order, desc=desc, unit="step", progress=progress)):
                 t0, c0 = time.perf_counter(), time.process_time()
                 batch = collate_batch([encoded[i] for i in idx], pad_id, device)
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -162,8 +161,8 @@ def train_adapter(lm, adapter: NeuronAdapter, train_ds, cfg: FinetuneConfig, *, 
     encoded = encode_dataset(lm.tokenizer, train_ds, chat=cfg.chat, max_length=cfg.max_length)
     with frozen(model):
         return train(model, list(adapter.deltas.values()), encoded, cfg, lr=cfg.arm_lr("neurons"), weight_decay=0.0,
-                     pad_id=token_pad_id(lm.tokenizer, getattr(model, "config", None)), desc=desc, context=lambda: adapter.applied(model),
-                     progress=progress, return_optimizer=return_optimizer)
+                     pad_id=token_pad_id(lm.tokenizer, getattr(model, "config", None)), desc=desc,
+                     context=lambda: adapter.applied(model), progress=progress, return_optimizer=return_optimizer)
 
 
 __all__ = ["DivergedError", "TrainLog", "batch_order", "collate_batch", "lr_lambda", "optimizer_state_numel",
