@@ -11,10 +11,12 @@ in the forward pass by hooks (``applied``), using the low-rank form of the updat
 * input projection, output-feature slice ``r``:   ``y[..., r] += x @ Δᵀ + Δb``     (Δ: ``[k, d_model]``)
 
 which costs ``O(k)`` per token instead of a dense ``W + scatter(Δ)``. ``merge`` writes ``W[slice] += Δ`` into the
-weights and keeps the original slice values, so ``unmerge`` restores them bit for bit. A merge is recorded on the
-model (:data:`MERGED_ATTR`, the adapter's content id) and in ``lm.info["merged_adapters"]``, and refreshes
-``lm.info["fingerprint"]``: merging the same adapter twice into the same weights is refused, and unmerging must
-follow the reverse order of merging.
+weights and keeps the original slice values, so ``unmerge`` restores them bit for bit. A merge is recorded in the
+model's config (:data:`MERGED_ATTR`: the content ids of the merged adapters, saved with ``save_pretrained``) and in
+``lm.info["merged_adapters"]``, and refreshes ``lm.info["fingerprint"]``: the config is part of
+:func:`caploc.models.loading.model_fingerprint`, so merged weights always get a new fingerprint (also when the
+sampled weight values it hashes are outside the merged slices), the same one after a save/load round trip. Merging
+the same adapter twice into the same weights is refused; unmerging follows the reverse order of merging.
 """
 from __future__ import annotations
 
@@ -118,9 +120,23 @@ class SliceSpec:
     shape: tuple[int, ...]
 
 
+def _merge_record_holder(model: nn.Module):
+    """Where merges are recorded: the HF config (saved with the model, part of its fingerprint), else the module."""
+    cfg = getattr(model, "config", None)
+    return cfg if cfg is not None and hasattr(cfg, "to_dict") else model
+
+
 def merged_ids(model: nn.Module) -> list[str]:
     """Content ids of the adapters merged into ``model``'s weights, in merge order (a copy)."""
-    return list(getattr(model, MERGED_ATTR, None) or [])
+    return list(getattr(_merge_record_holder(model), MERGED_ATTR, None) or [])
+
+
+def _set_merged_ids(model: nn.Module, ids: list[str]) -> None:
+    holder = _merge_record_holder(model)
+    if ids:
+        setattr(holder, MERGED_ATTR, list(ids))
+    elif hasattr(holder, MERGED_ATTR):
+        delattr(holder, MERGED_ATTR)  # no record at all: the config (and fingerprint) are the unmerged model's
 
 
 @dataclass
@@ -328,7 +344,7 @@ class NeuronAdapter(nn.Module):
             ix = self._positions(s, p.device)
             originals[s.key] = p.index_select(s.dim, ix).clone()
             p.index_add_(s.dim, ix, self.deltas[s.key].detach().to(device=p.device, dtype=p.dtype))
-        setattr(model, MERGED_ATTR, [*stack, aid])
+        _set_merged_ids(model, [*stack, aid])
         prior = lm.info.get("fingerprint") if lm is not None else None
         self._merged[id(model)] = _Merge(model, originals, aid, lm, prior)
         if lm is not None:
@@ -353,7 +369,7 @@ class NeuronAdapter(nn.Module):
         for s in self.specs:
             p = model.get_parameter(s.param)
             p.index_copy_(s.dim, self._positions(s, p.device), rec.originals[s.key].to(p.device))
-        setattr(model, MERGED_ATTR, stack[:-1])
+        _set_merged_ids(model, stack[:-1])
         lm = lm if lm is not None else rec.lm
         if lm is not None:
             lm.info["fingerprint"] = rec.prior_fingerprint  # the weights are bit-identical to before the merge
