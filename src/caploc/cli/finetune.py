@@ -27,6 +27,8 @@ def finetune(
     full_lr: Optional[float] = opt(C, "full_lr", "--full-lr"),
     lora_lr: Optional[float] = opt(C, "lora_lr", "--lora-lr"),
     lrs: str = opt(C, "lrs", "--lrs"),
+    full_lrs: str = opt(C, "full_lrs", "--full-lrs"),
+    lora_lrs: str = opt(C, "lora_lrs", "--lora-lrs"),
     val_fraction: float = opt(C, "val_fraction", "--val-fraction"),
     batch_size: int = opt(C, "batch_size", "--batch-size"),
     max_grad_norm: float = opt(C, "max_grad_norm", "--max-grad-norm"),
@@ -61,7 +63,7 @@ def finetune(
         return
 
     cfg = C(arms=arms, steps=steps, lr=lr, full_lr=full_lr, lora_lr=lora_lr, lrs=split_list(lrs, float),
-            val_fraction=val_fraction, batch_size=batch_size, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
+            full_lrs=split_list(full_lrs, float), lora_lrs=split_list(lora_lrs, float), val_fraction=val_fraction, batch_size=batch_size, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
             schedule=schedule, n_random=n_random, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha, chat=chat,
             max_length=max_length, eval_batch_size=eval_batch_size, metrics=split_list(metrics))
     ns = NeuronSet.load(neurons) if neurons is not None else None
