@@ -107,6 +107,27 @@ def load_model_from_opts(model: str, dtype: str, device: str, device_map: str | 
         return load_model(model, dtype=dtype, device=device, device_map=device_map, layout=layout)
 
 
+def print_cards(cards) -> None:
+    """The top neurons: (layer, index), frequency, mean score and the context where each fires most."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table("neuron", "freq", "mean score", box=None, pad_edge=False)
+    t.add_column(Text("fires most at (token in [brackets])"))
+    for c in cards:
+        ctx = Text()
+        if c.contexts:
+            top = c.contexts[0]
+            for i, tok in enumerate(top.tokens):
+                tok = tok.replace("\n", "⏎")
+                ctx.append(f"[{tok}]" if i == top.mark else tok, style="bold" if i == top.mark else None)
+            ctx.append(f"  ({top.activation:.3g}, sample {top.sample_id})", style="dim")
+        freq = "" if c.frequency is None else f"{c.frequency:.2f}"
+        score = "" if c.mean_score is None else f"{c.mean_score:.3g}"
+        t.add_row(f"L{c.layer}:{c.index}", freq, score, ctx)
+    console.print(t)
+
+
 def print_neuron_summary(ns, title: str) -> None:
     from rich.table import Table
 
