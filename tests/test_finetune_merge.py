@@ -48,14 +48,15 @@ def test_merge_gives_a_new_fingerprint_and_unmerge_restores_it():
 
 
 def test_fingerprint_changes_even_when_the_hashed_weight_samples_do_not():
-    """The fingerprint hashes only a few values per weight; the merge record in the config still tells the merged
-    model apart. An all-zero adapter leaves every weight bit-identical, yet the model now carries a merge."""
+    """The merge record in the config tells a merged model apart even where no weight moved: an all-zero adapter
+    leaves every weight bit-identical, yet the model now carries a merge (and refuses it a second time)."""
     lm = load_model("tiny:gpt2")
     before, fp0 = _weights(lm.model), lm.info["fingerprint"]
     ad = NeuronAdapter(lm, SEL)  # zero deltas
     ad.merge(lm)
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
     assert lm.info["fingerprint"] != fp0
+    _one_line_refusal(lambda: ad.merge(lm), "already merged")
     ad.unmerge(lm)
     assert lm.info["fingerprint"] == fp0 == model_fingerprint(lm.model)
 

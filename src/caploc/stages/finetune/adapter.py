@@ -13,10 +13,10 @@ in the forward pass by hooks (``applied``), using the low-rank form of the updat
 which costs ``O(k)`` per token instead of a dense ``W + scatter(Δ)``. ``merge`` writes ``W[slice] += Δ`` into the
 weights and keeps the original slice values, so ``unmerge`` restores them bit for bit. A merge is recorded in the
 model's config (:data:`MERGED_ATTR`: the content ids of the merged adapters, saved with ``save_pretrained``) and in
-``lm.info["merged_adapters"]``, and refreshes ``lm.info["fingerprint"]``: the config is part of
-:func:`caploc.models.loading.model_fingerprint`, so merged weights always get a new fingerprint (also when the
-sampled weight values it hashes are outside the merged slices), the same one after a save/load round trip. Merging
-the same adapter twice into the same weights is refused; unmerging follows the reverse order of merging.
+``lm.info["merged_adapters"]``, and refreshes ``lm.info["fingerprint"]`` (:func:`caploc.models.model_fingerprint`
+of the merged weights and config): a merged model gets a new fingerprint, the same one after a save/load round trip,
+and the record alone tells a merge apart even where the weights did not move (an all-zero adapter). Merging the same
+adapter twice into the same weights is refused; unmerging follows the reverse order of merging.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ from torch import nn
 from ... import __version__
 from ...errors import CaplocError, IncompatibleResultError
 from ...models.layouts import Site
-from ...models.loading import load_model, model_fingerprint
+from ...models.fingerprint import model_fingerprint
+from ...models.loading import load_model
 from ...results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
