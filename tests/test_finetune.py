@@ -10,6 +10,9 @@ import torch
 
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError, IncompatibleResultError
+from caploc.hooks import count_hooks
+from caploc.models.loading import load_model
+from caploc.results import NeuronSet
 from caploc.stages.finetune import (
     FinetuneConfig,
     FinetuneResult,
@@ -21,9 +24,6 @@ from caploc.stages.finetune import (
     train_adapter,
 )
 from caploc.stages.finetune import collate_batch as collate
-from caploc.hooks import count_hooks
-from caploc.models.loading import load_model
-from caploc.results import NeuronSet
 
 SEL = {0: [1, 5, 7], 2: [0, 3, 40]}  # layer -> neuron indices (all < 48 = smallest tiny d_mlp)
 

@@ -141,7 +141,7 @@ def build_report(res: FinetuneResult, out_dir: Path | str) -> dict:
                {"title": "ΔNLL per arm and dataset", "file": "fig_delta.png",
                 "caption": "Negative = fine-tuning lowered the NLL of gold targets; random bars = mean ± sd."}]
     cfg = res.config
-    lr_text = (f"lr per arm selected by validation NLL from a sweep" if res.meta.get("validation")
+    lr_text = ("lr per arm selected by validation NLL from a sweep" if res.meta.get("validation")
                else f"lr {cfg['lr']}")
     text = [
         f"Fine-tuned {res.meta.get('model_id')} on {res.meta['train']['name']} ({res.meta['train']['n']} samples) for "

@@ -14,8 +14,16 @@ from .config import ARMS, FinetuneConfig
 from .experiment import FinetuneExperiment, finetune
 from .result import ArmResult, FinetuneResult
 from .splits import finetune_data, split_for_finetune, validation_split
-from .train import (DivergedError, TrainLog, batch_order, collate_batch, optimizer_state_numel, target_nll, train,
-                    train_adapter)
+from .train import (
+                    DivergedError,
+                    TrainLog,
+                    batch_order,
+                    collate_batch,
+                    optimizer_state_numel,
+                    target_nll,
+                    train,
+                    train_adapter,
+)
 
 __all__ = [
     "ADAPTER_FORMAT", "ARMS", "ArmResult", "DivergedError", "FinetuneConfig", "FinetuneExperiment", "FinetuneResult",

@@ -40,8 +40,8 @@ from torch import nn
 
 from ... import __version__
 from ...errors import CaplocError, IncompatibleResultError
-from ...models.layouts import Site
 from ...models.fingerprint import model_fingerprint
+from ...models.layouts import Site
 from ...models.loading import load_model
 from ...results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
 
