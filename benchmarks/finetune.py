@@ -31,11 +31,12 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from caploc.data import encode_dataset, load_dataset
-    from caploc.finetune import FinetuneConfig, NeuronAdapter, train
+    from caploc.data import encode_dataset, load_dataset, pad_id
     from caploc.hooks import frozen
     from caploc.models.loading import load_model
     from caploc.results import NeuronSet
+    from caploc.stages.finetune import FinetuneConfig, NeuronAdapter, train
+    from caploc.stages.finetune.experiment import lora_targets
     from caploc.stats import random_layer_matched_set
 
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def child(args) -> dict:
     n_tokens = sum(len(e.input_ids) for e in enc)
     cfg = FinetuneConfig(arms=(args.arm if args.arm != "random" else "neurons",), steps=args.steps + args.warmup,
                          lr=1e-5 if args.arm == "full" else 1e-3, batch_size=args.batch_size, seed=0)
-    pad = lm.tokenizer.pad_token_id
+    pad = pad_id(lm.tokenizer, lm.model.config)
     neuron_note = None
     if args.arm == "neurons":
         ns = None
@@ -76,9 +77,7 @@ def child(args) -> dict:
     elif args.arm == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from caploc.finetune import _lora_targets
-
-        targets = _lora_targets(lm.site)
+        targets = lora_targets(lm.site)
         pm = get_peft_model(lm.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                                                  fan_in_fan_out=bool(lm.site.layout.conv1d)))
         tl = train(pm, [p for p in pm.parameters() if p.requires_grad], enc, cfg, lr=1e-3, pad_id=pad, desc="lora",

@@ -10,20 +10,20 @@ import torch
 
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError, IncompatibleResultError
-from caploc.finetune import (
+from caploc.hooks import count_hooks
+from caploc.models.loading import load_model
+from caploc.results import NeuronSet
+from caploc.stages.finetune import (
     FinetuneConfig,
     FinetuneResult,
     NeuronAdapter,
     batch_order,
-    collate,
     finetune,
     split_for_finetune,
     target_nll,
     train_adapter,
 )
-from caploc.hooks import count_hooks
-from caploc.models.loading import load_model
-from caploc.results import NeuronSet
+from caploc.stages.finetune import collate_batch as collate
 
 SEL = {0: [1, 5, 7], 2: [0, 3, 40]}  # layer -> neuron indices (all < 48 = smallest tiny d_mlp)
 
@@ -280,7 +280,7 @@ def test_finetune_arms_report_and_untouched_base(tmp_path):
     assert back.arm("full").losses == by["full"].losses and back.claims == json.loads(json.dumps(res.claims))
     assert np.allclose(back.per_sample["neurons|toy:heldout"], res.per_sample["neurons|toy:heldout"])
     # rerunning the same experiment resumes every finished arm (no training); another configuration is refused
-    import caploc.finetune as ftmod
+    import caploc.stages.finetune.experiment as ftmod
 
     def no_training(*a, **k):
         raise AssertionError("a finished arm was trained again")
