@@ -509,3 +509,28 @@ def test_encode_errors_and_dataset(tok):
     for enc, s in zip(encs, ds):
         assert enc.input_ids[enc.prompt_len:] == tok.encode(s.target, add_special_tokens=False)
         assert enc.id == s.id
+
+
+def test_automatic_group_field_is_announced_with_sizes(tmp_path, caplog):
+    f = tmp_path / "sent.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "answer": " x", "label": "pos" if i % 3 else "neg"}) + "\n"
+                         for i in range(9)))
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(str(f))
+    assert {s.group for s in ds} == {"pos", "neg"}
+    assert "column 'label' is used as the group" in caplog.text and "pos: 6" in caplog.text and "neg: 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_dataset(str(f), group_field="label")
+    assert "used as the group" not in caplog.text
+
+
+def test_group_split_that_cannot_vary_is_warned(caplog):
+    from caploc.data import Dataset, Sample, group_disjoint_splits
+
+    ds = Dataset("two", [Sample(prompt=f"p{i}", target=" t", group="ab"[i % 2]) for i in range(6)])
+    with caplog.at_level("WARNING"):
+        a = group_disjoint_splits(ds, 2, seed=0)
+        b = group_disjoint_splits(ds, 2, seed=1)
+    assert sorted(len(p) for p in a) == sorted(len(p) for p in b) == [3, 3]
+    assert "cannot vary" in caplog.text

@@ -11,7 +11,8 @@ from rich.text import Text
 from ..errors import CaplocError
 from ..progress import set_quiet
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help texts are shown as written ("[[layer, index], ...]" is not rich markup)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="caploc: find, test and fine-tune the MLP neurons that carry a capability.")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)

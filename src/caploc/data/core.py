@@ -333,6 +333,9 @@ def group_disjoint_splits(ds: Dataset, k: int, seed: int) -> list[Dataset]:
     if len(by_group) < k:
         raise DataError(f"dataset '{ds.name}' has {len(by_group)} distinct groups, fewer than k={k} group-disjoint "
                         f"splits; lower k or load more samples")
+    if len(by_group) == k:
+        logger.warning("dataset '%s' has exactly %d groups: every seed gives the same %d group-disjoint parts, so seeds "
+                       "cannot vary this split (its spread across seeds is zero)", ds.name, k, k)
     order = sorted(_shuffled_groups(by_group, seed), key=lambda g: -len(by_group[g]))
     assigned: list[list[int]] = [[] for _ in range(k)]
     part_groups: list[list] = [[] for _ in range(k)]

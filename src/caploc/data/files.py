@@ -15,6 +15,8 @@ Files written by :meth:`Dataset.to_jsonl` are recognised by their header line an
 
 from __future__ import annotations
 
+from collections import Counter
+
 import csv
 import gzip
 import io
@@ -310,6 +312,11 @@ def records_to_samples(rows: list, where: str, *, prompt_field: str | None = Non
             meta["paraphrases"] = _paraphrases(r.get("paraphrases"), where, row_no)
         sid = _scalar_text(ids[i]) if ids is not None else str(i)
         samples.append(Sample(prompt=prompt, target=target, group=group, meta=meta, id=sid))
+    if gf is not None and group_field is None:
+        sizes = Counter(s.group for s in samples)
+        shown = ", ".join(f"{g}: {c}" for g, c in sizes.most_common(6)) + (", ..." if len(sizes) > 6 else "")
+        logger.warning("%s: column '%s' is used as the group (commonality) field: %d groups (%s); pass "
+                       "--group-field to choose another", where, gf, len(sizes), shown)
     return samples, {"prompt_field": pf, "target_field": tf, "group_field": gf}
 
 
