@@ -5,7 +5,9 @@ no timestamp or software tag in the PNG metadata and a fixed style, so re-render
 bytes (with the same matplotlib and fonts). Chance levels are drawn (dashed line) *and* named in the title, so a
 figure read on its own still shows what "random" would give.
 
-Functions: ``heatmap``, ``curves``, ``bars_with_ci``, ``per_layer_bars``, ``null_histogram``, ``count_histogram``.
+Building blocks for a stage's own figures: ``new_figure`` (one axes), ``new_panels`` (axes side by side), ``style``
+(draw inside it) and ``save_figure``. Charts: ``heatmap``, ``curves``, ``bars_with_ci``, ``per_layer_bars``,
+``null_histogram``, ``count_histogram``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import CaplocError
+from ..stats import compare_to_null
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,29 @@ def new_figure(figsize=(6.4, 3.6), left=0.75, right=0.2, bottom=0.55, top=0.4):
     return fig, ax
 
 
+def new_panels(ncols: int, figsize=(9.0, 3.4), left=0.75, right=0.2, bottom=0.55, top=0.45, wspace=0.8):
+    """A figure with ``ncols`` axes side by side, placed by fixed margins and gaps in inches -> ``(fig, [axes])``."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    w, h = figsize
+    pw = max(0.05, (w - left - right - wspace * (ncols - 1)) / ncols)
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=figsize, dpi=DPI)
+        FigureCanvasAgg(fig)
+        axes = [fig.add_axes(((left + i * (pw + wspace)) / w, bottom / h, pw / w, max(0.05, 1 - (bottom + top) / h)))
+                for i in range(ncols)]
+    return fig, axes
+
+
+def style():
+    """The figures' matplotlib style as a context manager: draw inside it (labels, ticks, legends)."""
+    import matplotlib
+
+    return matplotlib.rc_context(_STYLE)
+
+
 def _plain_log(axis) -> None:
     """Log-axis tick labels as 1, 10, 100 (no mathtext: faster and easier to read)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -63,10 +89,7 @@ def _label_len(labels) -> int:
     return max((len(str(x)) for x in labels), default=0)
 
 
-def _ctx():
-    import matplotlib
-
-    return matplotlib.rc_context(_STYLE)
+_ctx = style  # the name the chart helpers below use
 
 
 def save_figure(fig, path: Path | str) -> Path:
@@ -318,8 +341,6 @@ def null_histogram(null_values, effect: float, path: Path | str, title: str | No
 
     The legend gives n, the null mean ± sd, z and the empirical two-sided p from ``caploc.stats.compare_to_null``.
     """
-    from ..stats import compare_to_null
-
     null = _finite(null_values, "null_values").ravel()
     null = null[np.isfinite(null)]
     cmp = compare_to_null(effect, null)
@@ -343,5 +364,5 @@ def null_histogram(null_values, effect: float, path: Path | str, title: str | No
     return save_figure(fig, path)
 
 
-__all__ = ["heatmap", "curves", "bars_with_ci", "per_layer_bars", "count_histogram", "null_histogram",
-           "write_bytes_atomic"]
+__all__ = ["new_figure", "new_panels", "style", "save_figure", "heatmap", "curves", "bars_with_ci", "per_layer_bars",
+           "count_histogram", "null_histogram", "write_bytes_atomic"]
