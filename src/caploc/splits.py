@@ -32,13 +32,13 @@ from itertools import combinations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import stats
 from .config import check, setting
 from .data import Dataset, Sample, group_disjoint_splits, random_splits
 from .errors import CaplocError
 from .localize import LocateConfig, min_count, select
+from .progress import track
 from .report.fmt import as_float, num
 
 SPLIT_KINDS = ("random", "group")
@@ -153,7 +153,7 @@ def split_pairs(mask: torch.Tensor, min_freq: float, n_layers: int, d_mlp: int, 
     N = mask.shape[0]
     recs, sets = [], {}
     jobs = [(kind, seed) for kind in (kinds or scfg.kinds) for seed in scfg.seeds]
-    for kind, seed in tqdm(jobs, desc="split pairs", unit="split", leave=False, disable=len(jobs) < 4 or None):
+    for kind, seed in track(jobs, desc="split pairs", unit="split", progress=False if len(jobs) < 4 else None):
         parts = split_indices(N, groups, scfg.k, seed, kind)
         flats = [set_from_mask(mask, min_freq, idx) for idx in parts]
         if keep_sets:

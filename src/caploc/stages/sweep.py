@@ -14,12 +14,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import check, setting
 from ..errors import CaplocError
 from ..localize import LocateConfig, min_count
+from ..progress import track
 from ..report import sweep as report_sweep
 from ..report.fmt import json_safe
 from ..results import atomic_write_json, read_json
@@ -142,7 +142,7 @@ def sweep(run: LocateRun | Path | str, swcfg: SweepConfig | None = None, out_dir
         return masks[key]
 
     points = []
-    for axis, job in tqdm(jobs, desc="sweep", unit="point", leave=False):
+    for axis, job in track(jobs, desc="sweep", unit="point"):
         if axis == "n_samples":  # the first n samples, at the run's own rule
             points.append(sweep_point(run.head(job), mask_for(base)[:job], base, axis, swcfg.split))
         else:
