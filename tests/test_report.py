@@ -137,6 +137,43 @@ def test_rerender_is_byte_stable_and_order_independent(runs, tmp_path, built):
     assert c.html.read_bytes() == a.html.read_bytes()
 
 
+def test_out_dir_files_it_did_not_write_are_never_deleted_or_overwritten(runs, tmp_path):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    png = (runs / "stab" / "fig_iou.png").read_bytes()
+    mine = {out / "figures" / "my_plot.png": png, out / "figures" / "notes.txt": b"keep", out / "data.csv": b"1,2"}
+    for p, b in mine.items():
+        p.write_bytes(b)
+    first = build_report([runs], out)
+    manifest = json.loads((out / ".caploc_report_manifest.json").read_text())
+    ours = {f for f in manifest["files"] if f.startswith("figures/")}
+    assert len(ours) == 3 and {"report.html", "report.md", "report_data.json"} <= set(manifest["files"])
+    assert all(p.read_bytes() == b for p, b in mine.items())  # the user's files, even a PNG in figures/, untouched
+    # a rebuild with fewer sections removes only the figures the earlier report wrote and no longer needs
+    build_report([runs / "stab"], out)
+    kept = {f for f in json.loads((out / ".caploc_report_manifest.json").read_text())["files"]
+            if f.startswith("figures/")}
+    assert len(kept) == 1  # the earlier report's three figures are gone (numbered by section: names differ)
+    assert {p.name for p in (out / "figures").iterdir()} == {Path(f).name for f in kept} | {"my_plot.png", "notes.txt"}
+    assert all(p.read_bytes() == b for p, b in mine.items())
+    assert first.html.exists()
+    # an existing file with one of the report's names that no report wrote is refused, not overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.md").write_text("my notes")
+    with pytest.raises(CaplocError, match="not written by caploc report"):
+        build_report([runs], other)
+    assert (other / "report.md").read_text() == "my notes" and not (other / "report.html").exists()
+    # the same for a figure name of the report
+    fig_name = next(iter(sorted(ours)))
+    third = tmp_path / "third"
+    (third / "figures").mkdir(parents=True)
+    (third / fig_name).write_bytes(b"not ours")
+    with pytest.raises(CaplocError, match="not written by caploc report"):
+        build_report([runs], third)
+    assert (third / fig_name).read_bytes() == b"not ours"
+
+
 def test_errors_are_one_line(tmp_path):
     with pytest.raises(CaplocError, match="does not exist") as e:
         build_report([tmp_path / "nope"], tmp_path / "out")

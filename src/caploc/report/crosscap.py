@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
 from . import figures as F
 from .fmt import as_float, fmt, fmt_ci, json_safe, num, rule_value
-
-if TYPE_CHECKING:
-    from ..stages.crosscap import CrossCapResult
 
 FIGURE = "fig_crosscap.png"
 
@@ -21,7 +17,7 @@ def _mean(v: np.ndarray) -> float | None:
     return num(np.nanmean(v)) if v.size and np.any(~np.isnan(v)) else None
 
 
-def claims(res: "CrossCapResult") -> dict:
+def claims(res) -> dict:
     """Mean within-capability split IoU, mean between-capability IoU (with chance) and the same at equal sample counts."""
     diag = np.array([as_float(x) for x in np.diag(res.iou)])
     out = {"crosscap_within_iou_mean": {"value": _mean(diag), "per_capability": dict(zip(res.names, diag.tolist()))},
@@ -34,13 +30,13 @@ def claims(res: "CrossCapResult") -> dict:
     return json_safe(out)
 
 
-def to_report(res: "CrossCapResult", out_dir: Path) -> dict:
+def to_report(res, out_dir: Path) -> dict:
     """Draw ``out_dir/fig_crosscap.png`` and return the ``report.json`` dict."""
     plot(res, Path(out_dir) / FIGURE)
     return report(res)
 
 
-def report(res: "CrossCapResult") -> dict:
+def report(res) -> dict:
     names, n = res.names, len(res.names)
     sh = res.shared_counts()
     size_rows = [[nm, res.sizes[i], fmt_ci(res.within[nm]["iou"]["mean"], res.within[nm]["iou"]["lo"],
@@ -92,7 +88,7 @@ def report(res: "CrossCapResult") -> dict:
     })
 
 
-def plot(res: "CrossCapResult", path: Path) -> Path:
+def plot(res, path: Path) -> Path:
     """IoU and row-normalised overlap heatmaps side by side; cell text: observed (chance)."""
     names, n = res.names, len(res.names)
     lab = max((len(x) for x in names), default=1)

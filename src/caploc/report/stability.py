@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,14 +10,11 @@ from ..localize import min_count
 from . import figures as F
 from .fmt import ci, json_safe, rnd, rule_value
 
-if TYPE_CHECKING:
-    from ..stages.stability import StabilityResult
-
 PAPER = {"split_overlap": 0.9642, "split_iou": 0.9595}  # Huang et al. 2025, GSM8K splits
 FIGURE = "fig_stability.png"
 
 
-def claims(res: "StabilityResult") -> dict:
+def claims(res) -> dict:
     """Headline numbers: split overlap / IoU (with CI, chance and the paper's value), chance IoU, share of params."""
     hk = res.headline_kind()
     out = {}
@@ -41,13 +37,13 @@ def claims(res: "StabilityResult") -> dict:
     return json_safe(out)
 
 
-def to_report(res: "StabilityResult", out_dir: Path) -> dict:
+def to_report(res, out_dir: Path) -> dict:
     """Draw ``out_dir/fig_stability.png`` and return the ``report.json`` dict."""
     plot(res, Path(out_dir) / FIGURE)
     return report(res)
 
 
-def report(res: "StabilityResult") -> dict:
+def report(res) -> dict:
     p, lc = res.provenance, res.locate_config
     rule_txt = f"{lc['rule']}={rule_value(lc)}, min_freq={lc['min_freq']}"
     rows = []
@@ -107,7 +103,7 @@ def report(res: "StabilityResult") -> dict:
     })
 
 
-def plot(res: "StabilityResult", path: Path) -> Path:
+def plot(res, path: Path) -> Path:
     """Mean overlap and IoU per split kind with CI, per-unit dots, chance crosses and the paper's values."""
     kinds = list(res.summary)
     fig, ax = F.new_figure((1.8 + 2.2 * max(1, len(kinds)), 3.6), left=0.7, right=0.15, bottom=0.6, top=0.35)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,11 +10,8 @@ from . import figures as F
 from .fmt import as_float, ci, json_safe, rnd, rule_value
 from .stability import PAPER
 
-if TYPE_CHECKING:
-    from ..stages.sweep import SweepResult
 
-
-def _axes(res: "SweepResult") -> list[str]:
+def _axes(res) -> list[str]:
     return list(dict.fromkeys(q["axis"] for q in res.points))
 
 
@@ -23,7 +19,7 @@ def figure_name(axis: str) -> str:
     return f"fig_sweep_{axis}.png"
 
 
-def claims(res: "SweepResult") -> dict:
+def claims(res) -> dict:
     """Set size and split IoU at S = 95% (the paper's 19 of 20) and the set size at the run's own S."""
     out = {}
     for p in res.points:
@@ -41,14 +37,14 @@ def claims(res: "SweepResult") -> dict:
     return json_safe(out)
 
 
-def to_report(res: "SweepResult", out_dir: Path) -> dict:
+def to_report(res, out_dir: Path) -> dict:
     """Draw one figure per swept axis into ``out_dir`` and return the ``report.json`` dict."""
     for axis in _axes(res):
         plot_axis(res, axis, Path(out_dir) / figure_name(axis))
     return report(res)
 
 
-def report(res: "SweepResult") -> dict:
+def report(res) -> dict:
     p = res.provenance
     kinds = res.config["split"]["kinds"]
     cols = ["axis", "samples", "rule", "value", "min_freq", "S (full)", "neurons", "share of params",
@@ -96,7 +92,7 @@ def report(res: "SweepResult") -> dict:
     })
 
 
-def plot_axis(res: "SweepResult", axis: str, path: Path) -> Path:
+def plot_axis(res, axis: str, path: Path) -> Path:
     """Left: set size on all samples (symlog); right: split IoU / overlap with CI bands and the chance IoU."""
     kinds = res.config["split"]["kinds"]
     pts = [q for q in res.points if q["axis"] == axis]
