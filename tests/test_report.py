@@ -331,5 +331,5 @@ def test_report_from_a_real_locate_run(tmp_path):
     assert sec["kind"] == "locate" and sec["claims"]["n_neurons"]["value"] == len(res.neurons) > 0
     assert [f["title"] for f in sec["figures"]] == ["Neurons per layer", "Selection-count histogram"]
     rows = dict((r[0], r[1]) for r in sec["tables"][0]["rows"])
-    assert rows["frequency threshold"] == f"min_freq 0.3 -> S = 2 of 6 samples"
+    assert rows["frequency threshold"] == "min_freq 0.3 -> S = 2 of 6 samples"
     assert rows["IG completeness, median |gap| / |f(a) - f(0)|"] is not None

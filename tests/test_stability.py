@@ -3,7 +3,6 @@ sweep, crosscap), checked against hand-computed answers and planted score patter
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -54,7 +54,7 @@ class StabilityConfig:
     seeds: list[int] = setting(default_factory=lambda: list(range(5)), item=int,
                                help="Split seeds (an integer N means seeds 0..N-1).")
     kinds: list[str] = setting(default_factory=lambda: ["random", "group"], choices=SPLIT_KINDS, item=str,
-                               help="Split kinds: random, group (group/template-disjoint).")
+                               help="Split kinds, comma-separated: random | group (group = template-disjoint).")
     n_boot: int = setting(2000, min=1, help="Bootstrap resamples for the CIs.")
     null_draws: int = setting(500, min=0, help="Monte Carlo random-set pairs per split pair (0 = exact chance only).")
     level: float = setting(0.95, min=0, max=1, min_exclusive=True, help="Confidence level of the bootstrap CIs.")

@@ -18,9 +18,11 @@ from ..localize import LocateConfig
 from ..report.fmt import fmt, fmt_ci
 from ..runs import load_run, locate_run
 from ..splits import StabilityConfig
-from ..stages.crosscap import CrossCapConfig, crosscap as run_crosscap, default_capabilities
+from ..stages.crosscap import CrossCapConfig, default_capabilities
+from ..stages.crosscap import crosscap as run_crosscap
 from ..stages.stability import stability as run_stability
-from ..stages.sweep import SweepConfig, sweep as run_sweep
+from ..stages.sweep import SweepConfig
+from ..stages.sweep import sweep as run_sweep
 from .app import app, console, load_model_from_opts, parse_layers
 from .options import opt, split_list
 

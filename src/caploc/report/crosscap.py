@@ -94,8 +94,9 @@ def plot(res, path: Path) -> Path:
     lab = max((len(x) for x in names), default=1)
     left, bottom = 0.3 + 0.062 * lab, 0.4 + 0.045 * lab
     pw = 0.8 * n + 0.7
-    fig, axes = F.new_panels(2, (2 * (left + pw) + 0.2, bottom + 0.55 * n + 0.8), left=left, right=0.2,
-                             bottom=bottom, top=0.8, wspace=left)
+    cbar = 0.85  # colour bar (0.12 in), its gap and tick labels, between a panel and the next panel's labels
+    fig, axes = F.new_panels(2, (2 * (left + pw + cbar) + 0.1, bottom + 0.55 * n + 0.9), left=left, right=cbar + 0.1,
+                             bottom=bottom, top=0.9, wspace=left + cbar)
     with F.style():
         for ax, M, C, title in ((axes[0], res.iou, res.chance_iou, "IoU"),
                                 (axes[1], res.overlap_rate, res.chance_overlap_rate, "overlap rate (row-normalised)")):
@@ -107,11 +108,14 @@ def plot(res, path: Path) -> Path:
                             va="center", fontsize=7, color="w" if (math.isnan(Mf[i, j]) or Mf[i, j] < 0.6) else "k")
             ax.set_xticks(range(n), names, rotation=40, ha="right", fontsize=8)
             ax.set_yticks(range(n), names, fontsize=8)
-            ax.set_title(f"{title}; diagonal = split agreement", fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.046)
+            ax.set_title(title, fontsize=9)
+            x0, y0, w, h = ax.get_position().bounds
+            fw = fig.get_figwidth()
+            fig.colorbar(im, cax=fig.add_axes((x0 + w + 0.1 / fw, y0, 0.12 / fw, h)))
         cm = res.offdiag(np.array([[as_float(x) for x in r] for r in res.chance_iou]))
-        fig.suptitle("cross-capability agreement" + (f" (mean chance IoU off-diagonal {np.nanmean(cm):.1e})"
-                                                     if cm.size and np.any(~np.isnan(cm)) else ""), fontsize=10)
+        fig.suptitle("cross-capability agreement; diagonal = within-capability split agreement"
+                     + (f"\nmean chance IoU off-diagonal {np.nanmean(cm):.1e}" if cm.size and np.any(~np.isnan(cm))
+                        else ""), fontsize=10)
     return F.save_figure(fig, path)
 
 

@@ -106,7 +106,9 @@ def report(res) -> dict:
 def plot(res, path: Path) -> Path:
     """Mean overlap and IoU per split kind with CI, per-unit dots, chance crosses and the paper's values."""
     kinds = list(res.summary)
-    fig, ax = F.new_figure((1.8 + 2.2 * max(1, len(kinds)), 3.6), left=0.7, right=0.15, bottom=0.6, top=0.35)
+    legend_w = 2.3  # the legend sits right of the axes, outside the data
+    fig, ax = F.new_figure((1.8 + 2.2 * max(1, len(kinds)) + legend_w, 3.6), left=0.7, right=0.15 + legend_w,
+                           bottom=0.6, top=0.35)
     colors = {"overlap": "tab:blue", "iou": "tab:orange"}
     with F.style():
         for xi, kind in enumerate(kinds):
@@ -134,7 +136,7 @@ def plot(res, path: Path) -> Path:
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("agreement between disjoint splits")
         ax.set_title(f"{res.provenance.get('dataset')}: split stability", fontsize=10)
-        ax.legend(fontsize=7, loc="center right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
     return F.save_figure(fig, path)
 
 

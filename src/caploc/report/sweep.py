@@ -94,28 +94,35 @@ def report(res) -> dict:
 
 def plot_axis(res, axis: str, path: Path) -> Path:
     """Left: set size on all samples (symlog); right: split IoU / overlap with CI bands and the chance IoU."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator  # heavy: loaded only when drawing
+
     kinds = res.config["split"]["kinds"]
     pts = [q for q in res.points if q["axis"] == axis]
     xs = [q["min_freq"] if axis == "min_freq" else q["n_samples"] if axis == "n_samples" else q["rule_value"]
           for q in pts]
-    fig, (a1, a2) = F.new_panels(2, (9.0, 3.4), left=0.7, right=0.15, bottom=0.55, top=0.5, wspace=0.75)
+    fig, (a1, a2) = F.new_panels(2, (9.0, 3.9), left=0.7, right=0.15, bottom=1.0, top=0.5, wspace=0.75)
     with F.style():
-        a1.plot(xs, [q["n_neurons"] for q in pts], "o-", color="tab:green")
-        a1.set_yscale("symlog", linthresh=1)
+        counts = [q["n_neurons"] for q in pts]
+        a1.plot(xs, counts, "o-", color="tab:green", label="neurons")
+        if max(counts) > 20:  # wide range: symlog (0 stays visible), plain tick labels
+            a1.set_yscale("symlog", linthresh=1)
+            a1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            a1.set_ylim(-0.3, 2.0 * max(counts))
+        else:  # counts: integer ticks
+            a1.yaxis.set_major_locator(MaxNLocator(integer=True))
+            a1.set_ylim(-0.3, max(2, max(counts)) * 1.1)
         a1.set_xlabel(axis)
         a1.set_ylabel("neurons (all samples)")
-        a1.set_ylim(-0.3, max(2.0, 2.0 * max(q["n_neurons"] for q in pts)))
         empty = [x for x, q in zip(xs, pts) if q["n_neurons"] == 0]
         if empty:
             a1.scatter(empty, [0] * len(empty), marker="v", color="red", zorder=3, label="empty set")
-            a1.legend(fontsize=7)
         for k, col in zip(kinds, ("tab:orange", "tab:purple")):
             ag = [q["agreement"].get(k) or {} for q in pts]
             for m, ls in (("iou", "-"), ("overlap", "--")):
                 y = np.array([as_float(a.get(m)) for a in ag])
                 lo = np.array([as_float(a.get(f"{m}_lo")) for a in ag])
                 hi = np.array([as_float(a.get(f"{m}_hi")) for a in ag])
-                a2.plot(xs, y, "o" + ls, color=col, ms=3, label=f"{k} {m}")
+                a2.plot(xs, y, "o" + ls, color=col, ms=3, label=f"{k} split {m}")
                 a2.fill_between(xs, lo, hi, color=col, alpha=0.12)
             a2.plot(xs, [as_float(a.get("chance_iou")) for a in ag], "x:", color="k",
                     label="chance IoU" if k == kinds[0] else None)
@@ -123,11 +130,16 @@ def plot_axis(res, axis: str, path: Path) -> Path:
         a2.set_ylim(-0.02, 1.02)
         a2.set_xlabel(axis)
         a2.set_ylabel("split agreement")
-        a2.legend(fontsize=7)
         if axis == "topk":
             a1.set_xscale("log")
             a2.set_xscale("log")
         a2.set_xlim(a1.get_xlim())
+        handles, labels = [], []
+        for ax in (a1, a2):  # one legend below both panels, outside the data
+            h, lab = ax.get_legend_handles_labels()
+            handles += h
+            labels += lab
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
         fig.suptitle(f"{res.provenance.get('dataset')}: sweep over {axis}", fontsize=10)
     return F.save_figure(fig, path)
 

@@ -16,8 +16,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from .. import __version__
-from .. import stats
+from .. import __version__, stats
 from ..config import check, setting
 from ..data import load_dataset
 from ..errors import CaplocError
