@@ -127,8 +127,8 @@ def test_rerender_is_byte_stable_and_order_independent(runs, tmp_path, built):
     b = build_report([tmp_path / "extra", runs], tmp_path / "b")
     ja, jb = json.loads(a.json.read_text()), json.loads(b.json.read_text())
     assert ja["sections"] == jb["sections"]  # by kind, then path, whatever the argument order
-    assert [s["kind"] for s in ja["sections"]] == ["intervene", "locate", "stability"]
-    assert ja["sections"][0]["title"] == "intervene: intervene"  # default title: kind and directory
+    assert [s["kind"] for s in ja["sections"]] == ["locate", "stability", "intervene"]  # pipeline order
+    assert ja["sections"][2]["title"] == "intervene: intervene"  # default title: kind and directory
     assert sorted(p.name for p in (tmp_path / "a" / "figures").iterdir()) == \
         sorted(p.name for p in (tmp_path / "b" / "figures").iterdir())
     for p in (tmp_path / "a" / "figures").iterdir():
@@ -172,6 +172,26 @@ def test_out_dir_files_it_did_not_write_are_never_deleted_or_overwritten(runs, t
     with pytest.raises(CaplocError, match="not written by caploc report"):
         build_report([runs], third)
     assert (third / fig_name).read_bytes() == b"not ours"
+
+
+def test_sections_in_pipeline_order_and_claims_grouped_by_section(tmp_path):
+    root = tmp_path / "runs"
+    for kind in ("zzz_custom", "audit", "finetune", "stability", "locate", "intervention"):
+        atomic_write_json(root / kind / "report.json", {"kind": kind, "title": f"T {kind}",
+                                                        "claims": {f"{kind}_a": 1.0, f"{kind}_b": {"value": 2}}})
+    paths = build_report([root], tmp_path / "out")
+    order = ["locate", "stability", "intervention", "finetune", "audit", "zzz_custom"]
+    assert [s["kind"] for s in json.loads(paths.json.read_text())["sections"]] == order
+    html = paths.html.read_text()
+    claims_html = html[html.index('<section id="claims">'):html.index("</section>")]
+    heads = re.findall(r'<tr class="grp"><th colspan="5"><a href="#([^"]+)">T (\w+)</a>', claims_html)
+    assert [k for _, k in heads] == order and all(f"sec-{i}-" in a for i, (a, _) in enumerate(heads, 1))
+    for i, k in enumerate(order):  # each section's claims sit under its own header
+        block = claims_html.split('<tr class="grp">')[i + 1]
+        assert f"{k}_a" in block and f"{k}_b" in block and sum(f"_{x}<" in block for x in "ab") == 2
+    md = paths.md.read_text()
+    md_claims = md[md.index("## Claims"):md.index("## T locate")]
+    assert [md_claims.index(f"**T {k}**") for k in order] == sorted(md_claims.index(f"**T {k}**") for k in order)
 
 
 def test_errors_are_one_line(tmp_path):

@@ -5,7 +5,8 @@ Discovery. Under every run directory (recursively, hidden directories and the ou
 a known result marker (``neurons.json`` with kind ``neuron_set``: a locate run) is rendered by the built-in renderer
 for it, unless an ancestor directory inside the same run directory has a ``report.json`` (that stage's report
 stands for its sub-results; pass the sub-directory explicitly to render it on its own). Sections are ordered by
-kind, then by resolved path, so the same inputs always give the same report.
+pipeline stage (``PIPELINE``: localization, stability, interventions, fine-tuning, audit; other kinds after them),
+then kind and resolved path, so the same inputs always give the same report.
 
 Renderers. ``register_renderer(kind, fn, marker=None)``: ``fn(run_dir, report, fig_dir) -> dict`` receives the
 parsed ``report.json`` (or None for a marker-detected directory) and returns a contract dict; figures it draws go
@@ -44,6 +45,11 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 _MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8", ".jpeg": b"\xff\xd8", ".gif": b"GIF8"}
 
 OUT_NAMES = ("report.html", "report.md", "report_data.json")  # not "report.json": re-scans must not pick it up
+# sections appear in pipeline order (localization, stability, interventions and evaluation, fine-tuning, audit, the
+# study's claims); kinds not listed follow, by name
+PIPELINE = ("locate", "neuron_set", "contrast", "generic", "stability", "sweep", "crosscap", "eval", "evaluate",
+            "intervention", "intervene", "decouple", "fidelity", "faithfulness", "learned_mask", "finetune", "audit",
+            "circuit_audit", "audit_circuits", "claims")
 MANIFEST = ".caploc_report_manifest.json"  # the files this tool wrote into --out: the only ones it may replace/remove
 
 
@@ -271,7 +277,7 @@ def build_report(run_dirs: list[Path], out: Path, title: str | None = None, stri
     with tempfile.TemporaryDirectory(prefix="caploc-report-") as tmp:
         scratch = Path(tmp)
         sections = [load_section(d, how, scratch) for d, how in entries]
-        sections.sort(key=lambda s: (s.kind, s.source.resolve().as_posix()))
+        sections.sort(key=section_order)
         _disambiguate_titles(sections)
         missing = []
         used: set[str] = set()
@@ -368,6 +374,12 @@ def _check_own_files(out: Path, written: set[str]) -> set[str]:
     return earlier
 
 
+def section_order(s: Section) -> tuple:
+    """Sort key: pipeline position of the kind (unknown kinds last), kind, then resolved path (deterministic)."""
+    rank = PIPELINE.index(s.kind) if s.kind in PIPELINE else len(PIPELINE)
+    return rank, s.kind, s.source.resolve().as_posix()
+
+
 def _disambiguate_titles(sections: list[Section]) -> None:
     """Sections with the same title get their directory appended (then the full path if still ambiguous)."""
     for key in (lambda s: s.source.name, lambda s: str(s.source)):
@@ -417,5 +429,5 @@ def _to_json(title: str, sources: list[str], sections: list[Section], claims: li
     }
 
 
-__all__ = ["build_report", "ReportPaths", "register_renderer", "Renderer", "RENDERERS", "MARKERS", "discover", "Section",
+__all__ = ["build_report", "ReportPaths", "PIPELINE", "section_order", "register_renderer", "Renderer", "RENDERERS", "MARKERS", "discover", "Section",
            "Table", "Figure", "claim_rows"]
