@@ -35,7 +35,8 @@ caption{text-align:left;font-weight:600;padding:4px 0;font-size:14px;position:st
 th,td{border:1px solid var(--line);padding:4px 9px;vertical-align:top;text-align:left}
 th{background:var(--alt);font-weight:600;min-width:5.5em;hyphens:auto}
 td{overflow-wrap:anywhere;min-width:4em}
-table.wide th,table.wide td{padding:3px 6px}
+td.s{white-space:nowrap;overflow-wrap:normal}
+table.wide th,table.wide td{padding:3px 6px}table.wide th{min-width:0}
 table.wide td:first-child,table.wide th:first-child{position:sticky;left:0;background:var(--alt);z-index:1}
 tbody tr:nth-child(even) td{background:#fafbfc}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap;overflow-wrap:normal}
@@ -52,6 +53,7 @@ figcaption{color:var(--mut);font-size:13px;margin-top:5px;max-width:820px}
 body{font-size:10.5pt}main{max-width:none;padding:0}
 nav,script{display:none}
 .tw{overflow:visible}table,table.wide{font-size:7.5pt;width:100%}th,td{padding:1.5pt 3pt;min-width:0}
+td.s{white-space:normal}
 table.wide td:first-child,table.wide th:first-child{position:static}
 thead{display:table-header-group}tr,figure,.missing{break-inside:avoid}h2,h3,caption{break-after:avoid}
 h2{break-before:page;border-top:0}section#claims h2{break-before:auto}
@@ -128,7 +130,11 @@ def _e(s: Any) -> str:
 
 
 def _td(v: Any) -> str:
-    return f'<td class="num">{_e(fmt(v))}</td>' if _is_num(v) else f"<td>{_e(fmt(v))}</td>"
+    """A cell: numbers right-aligned; short text (a CI, a label) kept on one line; long text may wrap anywhere."""
+    txt = fmt(v)
+    if _is_num(v):
+        return f'<td class="num">{_e(txt)}</td>'
+    return f'<td class="s">{_e(txt)}</td>' if len(txt) <= 24 else f"<td>{_e(txt)}</td>"
 
 
 def _table_html(title: str, columns: list[str], rows: list[list[Any]], note: str = "") -> str:
