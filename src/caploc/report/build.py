@@ -32,7 +32,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import CaplocError
-from ..results import atomic_write_json, atomic_write_text, read_json
+from ..results import OutLock, atomic_write_json, atomic_write_text, check_out_dir, read_json
 from . import locate  # noqa: F401  (registers the built-in locate / neuron_set renderer)
 from .figures import write_bytes_atomic
 from .html import render_html, render_markdown
@@ -273,8 +273,9 @@ def build_report(run_dirs: list[Path], out: Path, title: str | None = None, stri
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CaplocError(f"--out {out} is a file: pass a directory for the report")
+    out = check_out_dir(out)
     entries = discover([Path(d) for d in run_dirs], exclude=out)
-    with tempfile.TemporaryDirectory(prefix="caploc-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="caploc-report-") as tmp, OutLock(out):
         scratch = Path(tmp)
         sections = [load_section(d, how, scratch) for d, how in entries]
         sections.sort(key=section_order)

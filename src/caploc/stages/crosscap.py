@@ -23,7 +23,7 @@ from ..errors import CaplocError
 from ..localize import LocateConfig
 from ..report import crosscap as report_crosscap
 from ..report.fmt import as_float, json_safe
-from ..results import NeuronSet, atomic_write_json, read_json
+from ..results import NeuronSet, OutLock, atomic_write_json, check_out_dir, read_json
 from ..runs import LocateRun, commit, load_run, locate_run
 from ..splits import StabilityConfig, selection_masks, set_from_mask, split_pairs, summarize_pairs
 
@@ -215,7 +215,8 @@ def crosscap_from_runs(runs: dict[str, LocateRun], cfg: LocateConfig, scfg: Stab
                          scfg.to_dict(), cfg.to_dict(), {nm: runs[nm].summary() for nm in names}, notes,
                          iou_eq, ch_eq)
     if out_dir is not None:
-        commit(res, out_dir)
+        with OutLock(out_dir):
+            commit(res, out_dir)
     return res
 
 
@@ -232,7 +233,7 @@ def crosscap(capabilities: dict[str, str], cfg: LocateConfig, out_dir: Path | st
     be localized.
     """
     config = config or CrossCapConfig()
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     runs = dict(runs or {})
     loaded: dict[str, LocateRun] = {}
     lm = None

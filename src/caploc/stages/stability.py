@@ -19,7 +19,7 @@ from ..errors import CaplocError
 from ..localize import LocateConfig
 from ..report import stability as report_stability
 from ..report.fmt import json_safe
-from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
+from ..results import NeuronSet, OutLock, atomic_save_tensors, atomic_write_json, check_out_dir, read_json
 from ..runs import LocateRun, commit, load_run
 from ..splits import StabilityConfig, selection_masks, set_from_mask, split_pairs, summarize_pairs
 
@@ -121,6 +121,8 @@ def stability(run: LocateRun | Path | str, scfg: StabilityConfig | None = None, 
     Writes ``out_dir`` (``stability.json``, ``full_set.*``, ``split_sets.safetensors``, figure, ``report.json``).
     """
     scfg = scfg or StabilityConfig()
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir)
     if not isinstance(run, LocateRun):
         run = load_run(run)
     cfg = cfg or run.config
@@ -135,7 +137,8 @@ def stability(run: LocateRun | Path | str, scfg: StabilityConfig | None = None, 
                           pairs=json_safe(recs), summary=summarize_pairs(recs, scfg), full_set=full_set,
                           split_sets=sets, groups_note=run.groups_note, kinds_skipped=skipped)
     if out_dir is not None:
-        commit(res, out_dir)
+        with OutLock(out_dir):
+            commit(res, out_dir)
     return res
 
 

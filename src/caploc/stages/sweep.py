@@ -22,7 +22,7 @@ from ..localize import LocateConfig, min_count
 from ..progress import track
 from ..report import sweep as report_sweep
 from ..report.fmt import json_safe
-from ..results import atomic_write_json, read_json
+from ..results import OutLock, atomic_write_json, check_out_dir, read_json
 from ..runs import LocateRun, commit, load_run
 from ..splits import StabilityConfig, rule_config, selection_masks, set_from_mask, split_pairs, summarize_pairs
 
@@ -117,6 +117,8 @@ def sweep(run: LocateRun | Path | str, swcfg: SweepConfig | None = None, out_dir
     bad = set(axes) - set(AXES)
     if bad:
         raise CaplocError(f"unknown sweep axis {sorted(bad)}; choose from {', '.join(AXES)}")
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir)
     if not isinstance(run, LocateRun):
         run = load_run(run)
     base = run.config
@@ -155,7 +157,8 @@ def sweep(run: LocateRun | Path | str, swcfg: SweepConfig | None = None, out_dir
     res = SweepResult(config=swcfg.to_dict(), base_config=base.to_dict(), provenance=run.summary(),
                       points=json_safe(points), grid=grid)
     if out_dir is not None:
-        commit(res, out_dir)
+        with OutLock(out_dir):
+            commit(res, out_dir)
     return res
 
 
