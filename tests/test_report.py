@@ -127,14 +127,71 @@ def test_rerender_is_byte_stable_and_order_independent(runs, tmp_path, built):
     b = build_report([tmp_path / "extra", runs], tmp_path / "b")
     ja, jb = json.loads(a.json.read_text()), json.loads(b.json.read_text())
     assert ja["sections"] == jb["sections"]  # by kind, then path, whatever the argument order
-    assert [s["kind"] for s in ja["sections"]] == ["intervene", "locate", "stability"]
-    assert ja["sections"][0]["title"] == "intervene: intervene"  # default title: kind and directory
+    assert [s["kind"] for s in ja["sections"]] == ["locate", "stability", "intervene"]  # pipeline order
+    assert ja["sections"][2]["title"] == "intervene: intervene"  # default title: kind and directory
     assert sorted(p.name for p in (tmp_path / "a" / "figures").iterdir()) == \
         sorted(p.name for p in (tmp_path / "b" / "figures").iterdir())
     for p in (tmp_path / "a" / "figures").iterdir():
         assert p.read_bytes() == (tmp_path / "b" / "figures" / p.name).read_bytes()
     c = build_report([runs, tmp_path / "extra"], tmp_path / "a")  # same out again: identical bytes, no stale figures
     assert c.html.read_bytes() == a.html.read_bytes()
+
+
+def test_out_dir_files_it_did_not_write_are_never_deleted_or_overwritten(runs, tmp_path):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    png = (runs / "stab" / "fig_iou.png").read_bytes()
+    mine = {out / "figures" / "my_plot.png": png, out / "figures" / "notes.txt": b"keep", out / "data.csv": b"1,2"}
+    for p, b in mine.items():
+        p.write_bytes(b)
+    first = build_report([runs], out)
+    manifest = json.loads((out / ".caploc_report_manifest.json").read_text())
+    ours = {f for f in manifest["files"] if f.startswith("figures/")}
+    assert len(ours) == 3 and {"report.html", "report.md", "report_data.json"} <= set(manifest["files"])
+    assert all(p.read_bytes() == b for p, b in mine.items())  # the user's files, even a PNG in figures/, untouched
+    # a rebuild with fewer sections removes only the figures the earlier report wrote and no longer needs
+    build_report([runs / "stab"], out)
+    kept = {f for f in json.loads((out / ".caploc_report_manifest.json").read_text())["files"]
+            if f.startswith("figures/")}
+    assert len(kept) == 1  # the earlier report's three figures are gone (numbered by section: names differ)
+    assert {p.name for p in (out / "figures").iterdir()} == {Path(f).name for f in kept} | {"my_plot.png", "notes.txt"}
+    assert all(p.read_bytes() == b for p, b in mine.items())
+    assert first.html.exists()
+    # an existing file with one of the report's names that no report wrote is refused, not overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.md").write_text("my notes")
+    with pytest.raises(CaplocError, match="not written by caploc report"):
+        build_report([runs], other)
+    assert (other / "report.md").read_text() == "my notes" and not (other / "report.html").exists()
+    # the same for a figure name of the report
+    fig_name = next(iter(sorted(ours)))
+    third = tmp_path / "third"
+    (third / "figures").mkdir(parents=True)
+    (third / fig_name).write_bytes(b"not ours")
+    with pytest.raises(CaplocError, match="not written by caploc report"):
+        build_report([runs], third)
+    assert (third / fig_name).read_bytes() == b"not ours"
+
+
+def test_sections_in_pipeline_order_and_claims_grouped_by_section(tmp_path):
+    root = tmp_path / "runs"
+    for kind in ("zzz_custom", "audit", "finetune", "stability", "locate", "intervention"):
+        atomic_write_json(root / kind / "report.json", {"kind": kind, "title": f"T {kind}",
+                                                        "claims": {f"{kind}_a": 1.0, f"{kind}_b": {"value": 2}}})
+    paths = build_report([root], tmp_path / "out")
+    order = ["locate", "stability", "intervention", "finetune", "audit", "zzz_custom"]
+    assert [s["kind"] for s in json.loads(paths.json.read_text())["sections"]] == order
+    html = paths.html.read_text()
+    claims_html = html[html.index('<section id="claims">'):html.index("</section>")]
+    heads = re.findall(r'<tr class="grp"><th colspan="5"><a href="#([^"]+)">T (\w+)</a>', claims_html)
+    assert [k for _, k in heads] == order and all(f"sec-{i}-" in a for i, (a, _) in enumerate(heads, 1))
+    for i, k in enumerate(order):  # each section's claims sit under its own header
+        block = claims_html.split('<tr class="grp">')[i + 1]
+        assert f"{k}_a" in block and f"{k}_b" in block and sum(f"_{x}<" in block for x in "ab") == 2
+    md = paths.md.read_text()
+    md_claims = md[md.index("## Claims"):md.index("## T locate")]
+    assert [md_claims.index(f"**T {k}**") for k in order] == sorted(md_claims.index(f"**T {k}**") for k in order)
 
 
 def test_errors_are_one_line(tmp_path):
@@ -294,5 +351,5 @@ def test_report_from_a_real_locate_run(tmp_path):
     assert sec["kind"] == "locate" and sec["claims"]["n_neurons"]["value"] == len(res.neurons) > 0
     assert [f["title"] for f in sec["figures"]] == ["Neurons per layer", "Selection-count histogram"]
     rows = dict((r[0], r[1]) for r in sec["tables"][0]["rows"])
-    assert rows["frequency threshold"] == f"min_freq 0.3 -> S = 2 of 6 samples"
+    assert rows["frequency threshold"] == "min_freq 0.3 -> S = 2 of 6 samples"
     assert rows["IG completeness, median |gap| / |f(a) - f(0)|"] is not None

@@ -1,9 +1,8 @@
-"""Split stability, threshold sweeps and the cross-capability matrix (caploc.stability), checked against hand-computed
-answers and planted score patterns."""
+"""Split stability, threshold sweeps and the cross-capability matrix (caploc.splits and caploc.stages.stability,
+sweep, crosscap), checked against hand-computed answers and planted score patterns."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +10,19 @@ import pytest
 import torch
 
 from caploc.localize import LocateConfig, neuron_set_from_scores
-from caploc.stability import (
-    ScoreRun,
+from caploc.runs import LocateRun
+from caploc.splits import (
     StabilityConfig,
-    StabilityResult,
-    SweepConfig,
-    SweepResult,
-    CrossCapResult,
-    crosscap_from_runs,
     pair_record,
     rule_config,
     selection_masks,
     set_from_mask,
     split_indices,
-    stability,
     summarize_pairs,
-    sweep,
 )
+from caploc.stages.crosscap import CrossCapResult, crosscap_from_runs
+from caploc.stages.stability import StabilityResult, stability
+from caploc.stages.sweep import SweepConfig, SweepResult, sweep
 
 
 def _strict_json(path: Path):
@@ -38,9 +33,9 @@ def _strict_json(path: Path):
     return json.loads(Path(path).read_text(), parse_constant=bad)
 
 
-def _run(scores, cfg=None, groups=None, meta=None) -> ScoreRun:
+def _run(scores, cfg=None, groups=None, meta=None) -> LocateRun:
     meta = {"model_id": "toy", "dataset": "toy", "params_per_neuron": 3, "total_params": 3000, **(meta or {})}
-    return ScoreRun(None, scores, meta, cfg or LocateConfig(rule="sigma", sigma=2.0, min_freq=0.5), groups, "test")
+    return LocateRun(None, scores, meta, cfg or LocateConfig(rule="sigma", sigma=2.0, min_freq=0.5), groups, "test")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -254,7 +249,7 @@ def test_crosscap_matrix_hand_computed(tmp_path):
     # head(n): the first n stored samples, recorded in the provenance
     h = runs["a"].head(4)
     assert h.n_samples == 4 and torch.equal(h.scores, runs["a"].scores[:4])
-    assert h.provenance()["samples_used"] == "first 4 of 6"
+    assert h.summary()["samples_used"] == "first 4 of 6"
     back = CrossCapResult.load(tmp_path)
     assert np.allclose(back.iou, res.iou) and back.sizes == res.sizes
     assert np.allclose(back.iou_matched, res.iou_matched)

@@ -409,7 +409,7 @@ def store_specificity(flat_set: np.ndarray, target_freq: np.ndarray, ref_freq: n
 def _split_fns():
     """The stability module's split and pair-record functions when it is installed, else None (fallback below)."""
     try:
-        from .stability import pair_record, split_indices
+        from .splits import pair_record, split_indices
     except ImportError:  # pragma: no cover - stability.py is part of the package
         return None
     return split_indices, pair_record
@@ -441,7 +441,7 @@ def split_agreement(target_scores: torch.Tensor, reference_scores: dict[str, tor
     """Stability of a (contrastive) set: random 2-splits of the target AND of every reference sample set.
 
     For split seed s (``seed .. seed + n_seeds - 1``) every dataset's samples are split in two disjoint random halves
-    (``caploc.stability.split_indices``, i.e. ``caploc.data.random_splits``; the reference halves use seeds offset by
+    (``caploc.splits.split_indices``, i.e. ``caploc.data.random_splits``; the reference halves use seeds offset by
     1000 * (j + 1)); set A is computed from the first halves, set B from the second halves, with the same rule. An
     absolute ``min_freq`` count becomes the same fraction of each half. Returns the mean / sd over seeds of IoU and of
     the overlap rate (mean of both directions), the per-seed records and the IoU expected for two random sets with the
@@ -486,7 +486,7 @@ def split_agreement(target_scores: torch.Tensor, reference_scores: dict[str, tor
     ch_m, _ = ms("chance_iou")
     return {"iou": iou_m, "iou_sd": iou_s, "overlap": ov_m, "overlap_sd": ov_s, "chance_iou": ch_m,
             "n_seeds": int(n_seeds), "per_seed": per,
-            "method": "random 2-splits of target and every reference" + (" (caploc.stability split functions)" if fns else "")}
+            "method": "random 2-splits of target and every reference" + (" (caploc.splits split functions)" if fns else "")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

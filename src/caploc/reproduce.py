@@ -237,7 +237,8 @@ def _locate_report(res, out: Path) -> None:
 
 
 def _stage_stability(ctx: _Ctx, out: Path) -> None:
-    from .stability import StabilityConfig, stability
+    from .splits import StabilityConfig
+    from .stages.stability import stability
 
     s = ctx.study["stability"]
     stability(ctx.dir("locate"), StabilityConfig(k=s["k"], seeds=list(s["seeds"]), kinds=list(s["kinds"])),
@@ -245,7 +246,8 @@ def _stage_stability(ctx: _Ctx, out: Path) -> None:
 
 
 def _stage_sweep(ctx: _Ctx, out: Path) -> None:
-    from .stability import StabilityConfig, SweepConfig, sweep
+    from .splits import StabilityConfig
+    from .stages.sweep import SweepConfig, sweep
 
     s, stab = ctx.study["sweep"], ctx.study["stability"]
     sweep(ctx.dir("locate"), SweepConfig(sigmas=list(s["sigmas"]), min_freqs=list(s["min_freqs"]),
@@ -255,15 +257,16 @@ def _stage_sweep(ctx: _Ctx, out: Path) -> None:
 
 
 def _stage_crosscap(ctx: _Ctx, out: Path) -> None:
-    from .stability import StabilityConfig, crosscap
+    from .splits import StabilityConfig
+    from .stages.crosscap import CrossCapConfig, crosscap
 
     c, st = ctx.study["crosscap"], ctx.study
     caps = {st["locate"]["data"].replace("rg:", ""): st["locate"]["data"], **dict(c["capabilities"])}
     target_name = st["locate"]["data"].replace("rg:", "")
-    crosscap(caps, _locate_config(st.sections), out, lm_factory=lambda: ctx.lm,
-             runs={target_name: ctx.dir("locate")}, run_samples=min(c["n"], st["locate"]["n"]), n=c["n"],
-             seed=st["study"]["seed"],
-             scfg=StabilityConfig(k=st["stability"]["k"], seeds=list(st["stability"]["seeds"])[:3]))
+    crosscap(caps, _locate_config(st.sections), out,
+             CrossCapConfig(n=c["n"], seed=st["study"]["seed"], run_samples=min(c["n"], st["locate"]["n"]),
+                            split=StabilityConfig(k=st["stability"]["k"], seeds=list(st["stability"]["seeds"])[:3])),
+             lm_factory=lambda: ctx.lm, runs={target_name: ctx.dir("locate")})
 
 
 def _crosscap_run_dir(ctx: _Ctx, name: str) -> Path | None:

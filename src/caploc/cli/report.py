@@ -12,11 +12,12 @@ from .app import app, console
 @app.command()
 def report(
     run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Result directories (searched recursively for report.json and locate results)."),
-    out: Path = typer.Option(Path("runs/report"), help="Output directory for report.html, report.md (+ figures/) and report_data.json."),
+    out: Path = typer.Option(Path("runs/report"), help="Output directory for report.html, report.md (+ figures/) and report_data.json. Files there that no "
+                                                  "earlier caploc report wrote are never overwritten or deleted."),
     title: Optional[str] = typer.Option(None, help="Report title (default: 'caploc report')."),
     strict: bool = typer.Option(False, help="Fail on a missing figure file instead of showing a placeholder."),
 ):
-    """Assemble result directories into one report: claims overview, then one section per result (by kind, then path)."""
+    """Assemble result directories into one report: claims overview, then one section per result in pipeline order."""
     from ..report import build_report
 
     with console.status("building report ...", spinner="dots"):

@@ -5,11 +5,16 @@ Discovery. Under every run directory (recursively, hidden directories and the ou
 a known result marker (``neurons.json`` with kind ``neuron_set``: a locate run) is rendered by the built-in renderer
 for it, unless an ancestor directory inside the same run directory has a ``report.json`` (that stage's report
 stands for its sub-results; pass the sub-directory explicitly to render it on its own). Sections are ordered by
-kind, then by resolved path, so the same inputs always give the same report.
+pipeline stage (``PIPELINE``: localization, stability, interventions, fine-tuning, audit; other kinds after them),
+then kind and resolved path, so the same inputs always give the same report.
 
 Renderers. ``register_renderer(kind, fn, marker=None)``: ``fn(run_dir, report, fig_dir) -> dict`` receives the
 parsed ``report.json`` (or None for a marker-detected directory) and returns a contract dict; figures it draws go
 into ``fig_dir`` (a scratch directory; the run directory is never written to) and are referenced by absolute path.
+
+Output directory. ``out/.caploc_report_manifest.json`` lists every file the report wrote into ``out``; a rebuild
+replaces or removes only files listed there (stale figures of an earlier report), and refuses to overwrite any other
+existing file, so pointing ``--out`` at a directory that holds other files never loses them.
 
 Missing figures. A figure whose file is missing or is not a readable image is shown as a visible placeholder
 (HTML and Markdown), logged as a warning, flagged ``"missing"`` in the JSON and counted in the report header;
@@ -23,34 +28,29 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import __version__
 from ..errors import CaplocError
-from ..results import atomic_write_json, atomic_write_text, read_json
+from ..results import OutLock, atomic_write_json, atomic_write_text, check_out_dir, read_json
+from . import locate  # noqa: F401  (registers the built-in locate / neuron_set renderer)
 from .figures import write_bytes_atomic
+from .html import render_html, render_markdown
+from .registry import MARKERS, RENDERERS, Renderer, register_renderer
 
 log = logging.getLogger(__name__)
-
-Renderer = Callable[[Path, "dict | None", Path], dict]
-
-RENDERERS: dict[str, Renderer] = {}
-# marker file name -> (the JSON "kind" it must hold, report kind whose renderer draws it)
-MARKERS: dict[str, tuple[str, str]] = {}
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".svg": "image/svg+xml"}
 _MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8", ".jpeg": b"\xff\xd8", ".gif": b"GIF8"}
 
 OUT_NAMES = ("report.html", "report.md", "report_data.json")  # not "report.json": re-scans must not pick it up
-
-
-def register_renderer(kind: str, fn: Renderer, marker: tuple[str, str] | None = None) -> None:
-    """Render sections of ``kind`` with ``fn``; ``marker=(file_name, json_kind)`` also renders directories that have
-    no report.json but hold ``file_name`` whose JSON ``"kind"`` is ``json_kind``."""
-    RENDERERS[kind] = fn
-    if marker is not None:
-        MARKERS[marker[0]] = (marker[1], kind)
+# sections appear in pipeline order (localization, stability, interventions and evaluation, fine-tuning, audit, the
+# study's claims); kinds not listed follow, by name
+PIPELINE = ("locate", "neuron_set", "contrast", "generic", "stability", "sweep", "crosscap", "eval", "evaluate",
+            "intervention", "intervene", "decouple", "fidelity", "faithfulness", "learned_mask", "finetune", "audit",
+            "circuit_audit", "audit_circuits", "claims")
+MANIFEST = ".caploc_report_manifest.json"  # the files this tool wrote into --out: the only ones it may replace/remove
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,7 +102,6 @@ class Section:
 # ---------------------------------------------------------------------------------------------------------------------
 def discover(run_dirs: list[Path], exclude: Path | None = None) -> list[tuple[Path, str]]:
     """[(result dir, "report" | marker file name)] under every run dir, deduplicated (first hit wins)."""
-    _ensure_builtins()
     if not run_dirs:
         raise CaplocError("no run directory given: pass one or more result directories, e.g. runs/locate-gsm")
     found: dict[Path, tuple[Path, str]] = {}
@@ -271,16 +270,15 @@ def build_report(run_dirs: list[Path], out: Path, title: str | None = None, stri
 
     ``strict``: a missing or unreadable figure is an error instead of a visible placeholder.
     """
-    from .html import render_html, render_markdown
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CaplocError(f"--out {out} is a file: pass a directory for the report")
+    out = check_out_dir(out)
     entries = discover([Path(d) for d in run_dirs], exclude=out)
-    with tempfile.TemporaryDirectory(prefix="caploc-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="caploc-report-") as tmp, OutLock(out):
         scratch = Path(tmp)
         sections = [load_section(d, how, scratch) for d, how in entries]
-        sections.sort(key=lambda s: (s.kind, s.source.resolve().as_posix()))
+        sections.sort(key=section_order)
         _disambiguate_titles(sections)
         missing = []
         used: set[str] = set()
@@ -305,26 +303,82 @@ def build_report(run_dirs: list[Path], out: Path, title: str | None = None, stri
         doc_title = title or "caploc report"
         claims = claim_rows(sections)
         fig_dir = out / "figures"
-        fig_dir.mkdir(parents=True, exist_ok=True)
         wanted = {f.out_name for s in sections for f in s.figures if f.out_name}
+        written = set(OUT_NAMES) | {f"figures/{n}" for n in wanted}
+        earlier = _check_own_files(out, written)
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        # record what is about to be written BEFORE writing it, so an interrupted build can still be cleaned up
+        _write_manifest(out, earlier | written)
         for s in sections:
             for f in s.figures:
                 if f.out_name:
                     dst = fig_dir / f.out_name
                     if not (dst.exists() and dst.read_bytes() == f.data):
                         write_bytes_atomic(dst, f.data)
-        for stale in fig_dir.iterdir():  # figures of an earlier report in the same --out
-            if stale.is_file() and stale.suffix.lower() in IMAGE_TYPES and stale.name not in wanted:
-                stale.unlink()
         sources = [str(Path(d)) for d in run_dirs]
         paths = ReportPaths(out / OUT_NAMES[0], out / OUT_NAMES[1], out / OUT_NAMES[2])
         atomic_write_json(paths.json, _to_json(doc_title, sources, sections, claims, missing))
         atomic_write_text(paths.md, render_markdown(doc_title, sources, sections, claims, missing))
         atomic_write_text(paths.html, render_html(doc_title, sources, sections, claims, missing))
+        for rel in sorted(earlier - written):  # figures of an earlier report in the same --out (listed by it)
+            stale = out / rel
+            if rel.startswith("figures/") and stale.is_file() and not stale.is_symlink():
+                stale.unlink()
+        _write_manifest(out, written)
         for p in (paths.html, paths.md, paths.json, *(fig_dir / n for n in wanted)):
             _readable(p)
     log.info("report: %d sections, %d figures, %d claims -> %s", len(sections), len(wanted), len(claims), out)
     return paths
+
+
+def _read_manifest(out: Path) -> set[str] | None:
+    """The files an earlier ``caploc report`` wrote into ``out`` (relative paths), or None without a manifest."""
+    p = out / MANIFEST
+    if not p.is_file():
+        return None
+    m = read_json(p)
+    if not isinstance(m, dict) or m.get("kind") != "caploc_report_manifest" or not isinstance(m.get("files"), list):
+        raise CaplocError(f"{p} is not a caploc report manifest; remove it or pass another --out")
+    return {f for f in m["files"] if isinstance(f, str) and ".." not in Path(f).parts and not Path(f).is_absolute()}
+
+
+def _write_manifest(out: Path, files: set[str]) -> None:
+    atomic_write_json(out / MANIFEST, {"kind": "caploc_report_manifest", "caploc_version": __version__,
+                                       "files": sorted(files)})
+
+
+def _check_own_files(out: Path, written: set[str]) -> set[str]:
+    """Refuse to overwrite a file of ``out`` that no earlier ``caploc report`` wrote; return the files it did write.
+
+    Only files listed in the manifest of an earlier report are ever replaced or removed. A report directory from
+    before manifests existed counts as written by this tool for the three report files and the figures its
+    report_data.json lists."""
+    earlier = _read_manifest(out)
+    if earlier is None:
+        earlier = set()
+        legacy = out / OUT_NAMES[2]
+        data = None
+        if legacy.is_file():
+            try:
+                data = read_json(legacy)
+            except CaplocError:
+                data = None
+        if isinstance(data, dict) and data.get("kind") == "caploc_report":  # figures it lists were written by it
+            earlier = set(OUT_NAMES) | {f["file"] for sec in data.get("sections") or [] if isinstance(sec, dict)
+                                        for f in sec.get("figures") or [] if isinstance(f, dict)
+                                        and isinstance(f.get("file"), str) and f["file"].startswith("figures/")
+                                        and ".." not in Path(f["file"]).parts}
+    for rel in sorted(written - earlier):
+        if (out / rel).exists() or (out / rel).is_symlink():
+            raise CaplocError(f"{out / rel} exists and was not written by caploc report: pass an empty or new --out "
+                              "directory (caploc report never overwrites or deletes files it did not write)")
+    return earlier
+
+
+def section_order(s: Section) -> tuple:
+    """Sort key: pipeline position of the kind (unknown kinds last), kind, then resolved path (deterministic)."""
+    rank = PIPELINE.index(s.kind) if s.kind in PIPELINE else len(PIPELINE)
+    return rank, s.kind, s.source.resolve().as_posix()
 
 
 def _disambiguate_titles(sections: list[Section]) -> None:
@@ -376,15 +430,5 @@ def _to_json(title: str, sources: list[str], sections: list[Section], claims: li
     }
 
 
-_BUILTINS_LOADED = False
-
-
-def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from . import locate  # noqa: F401  (registers the locate / neuron_set renderer)
-
-
-__all__ = ["build_report", "ReportPaths", "register_renderer", "RENDERERS", "MARKERS", "discover", "Section",
+__all__ = ["build_report", "ReportPaths", "PIPELINE", "section_order", "register_renderer", "Renderer", "RENDERERS", "MARKERS", "discover", "Section",
            "Table", "Figure", "claim_rows"]

@@ -3,9 +3,12 @@
 Every function draws one figure, writes it atomically to ``path`` and returns ``path``. Output is deterministic:
 no timestamp or software tag in the PNG metadata and a fixed style, so re-rendering the same numbers gives the same
 bytes (with the same matplotlib and fonts). Chance levels are drawn (dashed line) *and* named in the title, so a
-figure read on its own still shows what "random" would give.
+figure read on its own still shows what "random" would give. Legends sit outside the data (below the axes); count
+axes get whole-number ticks.
 
-Functions: ``heatmap``, ``curves``, ``bars_with_ci``, ``per_layer_bars``, ``null_histogram``, ``count_histogram``.
+Building blocks for a stage's own figures: ``new_figure`` (one axes), ``new_panels`` (axes side by side), ``style``
+(draw inside it) and ``save_figure``. Charts: ``heatmap``, ``curves``, ``bars_with_ci``, ``per_layer_bars``,
+``null_histogram``, ``count_histogram``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import CaplocError
+from ..stats import compare_to_null
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,29 @@ def new_figure(figsize=(6.4, 3.6), left=0.75, right=0.2, bottom=0.55, top=0.4):
     return fig, ax
 
 
+def new_panels(ncols: int, figsize=(9.0, 3.4), left=0.75, right=0.2, bottom=0.55, top=0.45, wspace=0.8):
+    """A figure with ``ncols`` axes side by side, placed by fixed margins and gaps in inches -> ``(fig, [axes])``."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    w, h = figsize
+    pw = max(0.05, (w - left - right - wspace * (ncols - 1)) / ncols)
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=figsize, dpi=DPI)
+        FigureCanvasAgg(fig)
+        axes = [fig.add_axes(((left + i * (pw + wspace)) / w, bottom / h, pw / w, max(0.05, 1 - (bottom + top) / h)))
+                for i in range(ncols)]
+    return fig, axes
+
+
+def style():
+    """The figures' matplotlib style as a context manager: draw inside it (labels, ticks, legends)."""
+    import matplotlib
+
+    return matplotlib.rc_context(_STYLE)
+
+
 def _plain_log(axis) -> None:
     """Log-axis tick labels as 1, 10, 100 (no mathtext: faster and easier to read)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -59,14 +86,24 @@ def _plain_log(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def _legend_space(n_entries: int, ncol: int = 3) -> float:
+    """Inches to reserve under the axes for a legend of ``n_entries`` in ``ncol`` columns (0 without a legend)."""
+    return 0.0 if n_entries <= 0 else 0.12 + 0.2 * math.ceil(n_entries / ncol)
+
+
+def _legend_below(fig, ax, ncol: int = 3) -> None:
+    """The axes' legend at the bottom of the figure, outside the data (space reserved by :func:`_legend_space`)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(ncol, len(handles)),
+                   frameon=False)
+
+
 def _label_len(labels) -> int:
     return max((len(str(x)) for x in labels), default=0)
 
 
-def _ctx():
-    import matplotlib
-
-    return matplotlib.rc_context(_STYLE)
+_ctx = style  # the name the chart helpers below use
 
 
 def save_figure(fig, path: Path | str) -> Path:
@@ -180,7 +217,9 @@ def curves(x, ys: Mapping[str, Sequence[float]], path: Path | str, xlabel: str, 
            logx: bool = False, logy: bool = False, markers: bool = True) -> Path:
     """Line plot of several series over a shared ``x``; optional (lo, hi) ``bands`` per series (e.g. CIs)."""
     xs = _finite(x, "x")
-    fig, ax = new_figure((6.0, 3.6))
+    n_leg = (len(ys) + (chance is not None)) if (len(ys) > 1 or chance is not None) else 0
+    extra = _legend_space(n_leg)
+    fig, ax = new_figure((6.0, 3.6 + extra), bottom=0.55 + extra)
     with _ctx():
         for k, (name, y) in enumerate(ys.items()):
             yv = _finite(y, f"ys[{name!r}]")
@@ -202,8 +241,8 @@ def curves(x, ys: Mapping[str, Sequence[float]], path: Path | str, xlabel: str, 
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(_title(title, chance))
-        if len(ys) > 1 or chance is not None:
-            ax.legend(frameon=False)
+        if n_leg:
+            _legend_below(fig, ax)
     return save_figure(fig, path)
 
 
@@ -215,8 +254,8 @@ def bars_with_ci(labels: Sequence[str], values, lo, hi, path: Path | str, chance
     if not (len(labels) == v.size == l.size == h.size):
         raise CaplocError(f"bars_with_ci needs equal lengths, got labels={len(labels)} values={v.size} lo={l.size} hi={h.size}")
     rot = len(labels) > 4
-    fig, ax = new_figure((max(3.6, 1.2 + 0.7 * len(labels)), 3.6 + (0.031 * _label_len(labels) if rot else 0)),
-                   bottom=0.45 + (0.031 * _label_len(labels) if rot else 0))
+    extra = (0.031 * _label_len(labels) if rot else 0) + _legend_space(1 if chance is not None else 0)
+    fig, ax = new_figure((max(3.6, 1.2 + 0.7 * len(labels)), 3.6 + extra), bottom=0.45 + extra)
     with _ctx():
         pos = np.arange(len(labels))
         err = np.vstack([np.clip(v - l, 0, None), np.clip(h - v, 0, None)])
@@ -228,7 +267,7 @@ def bars_with_ci(labels: Sequence[str], values, lo, hi, path: Path | str, chance
                             va="bottom", fontsize=7)
         if chance is not None:
             ax.axhline(chance, color=CHANCE, ls="--", lw=1, label=f"chance ({_g(chance)})")
-            ax.legend(frameon=False)
+            _legend_below(fig, ax)
         ax.set_xticks(pos, [str(s) for s in labels], rotation=30 if rot else 0, ha="right" if rot else "center",
                       rotation_mode="anchor")
         if ylabel:
@@ -245,14 +284,16 @@ def per_layer_bars(counts, path: Path | str, d_mlp: int | None = None, title: st
     """
     c = _finite(counts, "counts").ravel()
     L = c.size
-    fig, ax = new_figure((max(4.5, min(12.0, 1.5 + 0.28 * L)), 3.4), right=0.75 if d_mlp else 0.2)
+    extra = _legend_space(1 if expected is not None else 0)
+    fig, ax = new_figure((max(4.5, min(12.0, 1.5 + 0.28 * L)), 3.4 + extra), right=0.75 if d_mlp else 0.2,
+                         bottom=0.55 + extra)
     with _ctx():
         pos = np.arange(L)
         ax.bar(pos, c, color=COLOR, width=0.8)
         if expected is not None:
             e = _finite(expected, "expected").ravel()
             ax.stairs(e, np.arange(L + 1) - 0.5, baseline=None, color=CHANCE, ls="--", lw=1, label="expected (random)")
-            ax.legend(frameon=False)
+            _legend_below(fig, ax)
         top = float(np.nanmax(c)) if L and np.isfinite(c).any() else 0.0
         if top <= 0:
             ax.set_ylim(0, 1)
@@ -288,7 +329,8 @@ def count_histogram(counts, path: Path | str, n_samples: int | None = None, thre
     c = c.astype(np.int64)
     hi = int(max(n_samples or 0, c.max() if c.size else 0))
     freq = np.bincount(c, minlength=hi + 1)
-    fig, ax = new_figure((max(4.5, min(12.0, 1.5 + 0.2 * hi)), 3.4))
+    extra = _legend_space(3)
+    fig, ax = new_figure((max(4.5, min(12.0, 1.5 + 0.2 * hi)), 3.4 + extra), bottom=0.55 + extra)
     with _ctx():
         xs = np.arange(hi + 1)
         kept = xs >= threshold if threshold is not None else np.zeros_like(xs, bool)
@@ -307,7 +349,7 @@ def count_histogram(counts, path: Path | str, n_samples: int | None = None, thre
         ax.set_xlim(-0.6, hi + 0.6)
         ax.set_xlabel(xlabel if n_samples is None else f"{xlabel} (of {n_samples})")
         ax.set_ylabel("neurons (log)")
-        ax.legend(frameon=False)
+        _legend_below(fig, ax)
         ax.set_title(title or "")
     return save_figure(fig, path)
 
@@ -318,7 +360,7 @@ def null_histogram(null_values, effect: float, path: Path | str, title: str | No
 
     The legend gives n, the null mean ± sd, z and the empirical two-sided p from ``caploc.stats.compare_to_null``.
     """
-    from ..stats import compare_to_null
+    from matplotlib.ticker import MaxNLocator
 
     null = _finite(null_values, "null_values").ravel()
     null = null[np.isfinite(null)]
@@ -338,10 +380,11 @@ def null_histogram(null_values, effect: float, path: Path | str, title: str | No
         ax.set_xlim(rng[0] - pad, rng[1] + pad)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("random draws")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of draws: whole numbers only
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(-0.1, -0.2), ncol=1)
         ax.set_title(title or "")
     return save_figure(fig, path)
 
 
-__all__ = ["heatmap", "curves", "bars_with_ci", "per_layer_bars", "count_histogram", "null_histogram",
-           "write_bytes_atomic"]
+__all__ = ["new_figure", "new_panels", "style", "save_figure", "heatmap", "curves", "bars_with_ci", "per_layer_bars",
+           "count_histogram", "null_histogram", "write_bytes_atomic"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..results import NeuronSet
 from . import figures as F
-from .build import register_renderer
+from .registry import register_renderer
 
 log = logging.getLogger(__name__)
 
