@@ -143,7 +143,7 @@ def _throughput_worker(args) -> None:
 def throughput(args) -> None:
     import torch
 
-    from caploc.results import ScoreStore
+    from caploc.scorestore import ScoreStore
 
     tmp = Path(tempfile.mkdtemp(prefix="caploc-scaling-"))
     # (not ``--n``: torchrun's parser would read it as an ambiguous abbreviation of its own options)

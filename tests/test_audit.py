@@ -9,21 +9,26 @@ import numpy as np
 import pytest
 import torch
 
+from caploc.errors import CaplocError
+from caploc.hooks import count_hooks, scale_neurons
+from caploc.models.loading import load_model
+from caploc.runs import StageResult
 from caploc.stages.audit.config import AuditConfig, KNConfig, TracingConfig
 from caploc.stages.audit.facts import Fact, facts_from_dataset
 from caploc.stages.audit.kn import kn_select
 from caploc.stages.audit.metrics import (
-    control_partners, fidelity_summary, layer_iou, random_set_iou, set_iou, weighted_iou,
+    control_partners,
+    fidelity_summary,
+    layer_iou,
+    random_set_iou,
+    set_iou,
+    weighted_iou,
 )
 from caploc.stages.audit.neurons import refine, row_set_probs, share_threshold, target_probs
 from caploc.stages.audit.result import AuditResult, summarize
 from caploc.stages.audit.run import run_audit
 from caploc.stages.audit.tracer import Tracer, embedding_std, find_attention, subject_positions
 from caploc.stages.audit.tracing import abs_layer_diff_pmf, uniform_abs_layer_diff
-from caploc.errors import CaplocError
-from caploc.hooks import count_hooks, scale_neurons
-from caploc.models.loading import load_model
-from caploc.runs import StageResult
 from caploc.stats import expected_random_agreement
 
 
@@ -383,7 +388,6 @@ def test_planted_neuron_found_and_suppress_lowers_p():
     """Plant a neuron in the last layer that writes the target's unembedding on this prompt: KN must find it and
     suppressing the refined set must lower P(target), enhancing must raise it."""
     from caploc.attribution.engine import Attributor
-    from caploc.hooks import capture
 
     lm = load_model("tiny:llama")
     site, model = lm.site, lm.model
@@ -435,7 +439,6 @@ def _facts_file(tmp_path):
 
 def test_run_audit_tiny_roundtrip_and_resume(tmp_path, llama, monkeypatch):
     from caploc.data import load_dataset
-
     from caploc.stages.audit import circuits as circuits_mod
 
     class _CA:  # stands in for a CircuitAudit: the audit consumes its param_sets / universe / summary / save

@@ -10,18 +10,24 @@ import pytest
 import torch
 from torch import nn
 
-from caploc.stages.audit.circuit_eap import (
-    ablated_metric, circuit_nodes, clean_embedding, edge_attribution, make_ablation, node_means, stack_ablations, tap,
-)
-from caploc.stages.audit.circuit_graph import NodeGraph
-from caploc.stages.audit.circuit_result import CircuitAudit, ParamSet, param_ranges, param_sets
-from caploc.stages.audit.circuits import audit_circuits, subject_span
-from caploc.stages.audit.config import CircuitConfig
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
 from caploc.hooks import count_hooks
 from caploc.models.layouts import MLPLayout, Site, register_layout
 from caploc.models.tiny import tiny_model
+from caploc.stages.audit.circuit_eap import (
+    ablated_metric,
+    clean_embedding,
+    edge_attribution,
+    make_ablation,
+    node_means,
+    stack_ablations,
+    tap,
+)
+from caploc.stages.audit.circuit_graph import NodeGraph
+from caploc.stages.audit.circuit_result import CircuitAudit, ParamSet, param_ranges, param_sets
+from caploc.stages.audit.circuits import audit_circuits, subject_span
+from caploc.stages.audit.config import CircuitConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from caploc.data import (
     random_splits,
     train_test_split,
 )
-from caploc.data.builtin import paraphrase_table, _read_facts
+from caploc.data.builtin import _read_facts, paraphrase_table
 from caploc.errors import DataError
 
 

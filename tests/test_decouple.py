@@ -2,7 +2,6 @@
 result save/load/report, and a tiny end-to-end run through the CLI."""
 from __future__ import annotations
 
-import itertools
 import json
 import re
 
@@ -10,12 +9,20 @@ import numpy as np
 import pytest
 
 from caploc.data import load_dataset
-from caploc.stages.decouple import (
-    DecoupleConfig, DecoupleResult, DomainResult, Group, content_items, content_sharing, diff_ci, fact_groups,
-    group_agreement, gsm_groups,
-)
 from caploc.errors import CaplocError
 from caploc.runs import StageResult
+from caploc.stages.decouple import (
+    DecoupleConfig,
+    DecoupleResult,
+    DomainResult,
+    Group,
+    content_items,
+    content_sharing,
+    diff_ci,
+    fact_groups,
+    group_agreement,
+    gsm_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +160,9 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 
 def test_domain_without_groups_is_skipped_or_refused():
-    from caploc.stages.decouple import decouple
     from caploc.errors import DataError
     from caploc.models import load_model
+    from caploc.stages.decouple import decouple
 
     lm = load_model("tiny:llama")
     with pytest.raises(DataError) as ei:  # facts: no attribute occurs in 10 relations -> nothing left to measure

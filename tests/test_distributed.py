@@ -86,7 +86,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
             proc.wait()
     assert proc.returncode == 0, log[-3000:]
 
-    from caploc.results import NeuronSet, ScoreStore
+    from caploc.results import NeuronSet
+    from caploc.scorestore import ScoreStore
 
     a, b = ref.store.load(), ScoreStore(out2 / "scores").load()
     assert len(list((out2 / "scores").glob("shard-*.safetensors"))) == 8

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from caploc.errors import CaplocError
-from caploc.results import OutLock, ScoreStore, check_out_dir, tensors_digest
+from caploc.results import OutLock, check_out_dir, tensors_digest
+from caploc.scorestore import ScoreStore
 
 
 def _store(root, spec=None, n=4, shard=2):

@@ -11,10 +11,18 @@ import torch
 
 from caploc.errors import ArchitectureError, CaplocError
 from caploc.models import (
-    DEFAULT_MODEL, LAYOUTS, TINY_ARCHS, LoadedModel, Site, default_cache_dir, load_model, model_fingerprint,
-    resolve_device, tiny_model,
+    DEFAULT_MODEL,
+    LAYOUTS,
+    TINY_ARCHS,
+    LoadedModel,
+    Site,
+    default_cache_dir,
+    load_model,
+    loading,
+    model_fingerprint,
+    resolve_device,
+    tiny_model,
 )
-from caploc.models import loading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -9,11 +9,19 @@ import torch
 
 from caploc.cli import main
 from caploc.errors import CaplocError, IncompatibleResultError
-from caploc.localize import (LocateConfig, commonality, min_count, neuron_set_from_scores, select_kn, select_sigma,
-                             select_topk)
+from caploc.localize import (
+    LocateConfig,
+    commonality,
+    min_count,
+    neuron_set_from_scores,
+    select_kn,
+    select_sigma,
+    select_topk,
+)
 from caploc.models.layouts import Site
 from caploc.models.tiny import tiny_model
-from caploc.results import NeuronSet, ScoreStore
+from caploc.results import NeuronSet
+from caploc.scorestore import ScoreStore
 
 
 def test_sigma_rule_by_hand():

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from caploc.results import NeuronSet, ScoreStore, read_json
+from caploc.results import NeuronSet, read_json
+from caploc.scorestore import ScoreStore
 
 N = 40
 ARGS = ["locate", "--model", "tiny:llama", "--data", "rg:basic_arithmetic", "--n", str(N), "--method", "ig",

@@ -815,7 +815,8 @@ def apply_specificity(lm, run_dir: Path | str, dataset=None, *, contrast_rule: s
     ``meta["excluded_generic"]`` saying what was done. Details: ``run_dir/contrast-<rule>/`` (report.json) and
     ``run_dir/generic/`` (report.json); a summary in ``run_dir/specificity.json``.
     """
-    from .generic import GenericConfig, exclude_generic as _exclude, find_generic
+    from .generic import GenericConfig, find_generic
+    from .generic import exclude_generic as _exclude
 
     run_dir = Path(run_dir)
     plain = NeuronSet.load(run_dir)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from . import __version__
 from .attribution.engine import AttributionConfig, Attributor
 from .config import check, setting
 from .errors import CaplocError, DataError
-from .results import NeuronSet, OutLock, ScoreStore, atomic_write_json, check_out_dir
+from .results import NeuronSet, OutLock, atomic_write_json, check_out_dir
+from .scorestore import ScoreStore
 
 log = logging.getLogger(__name__)
 

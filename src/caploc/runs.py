@@ -33,7 +33,8 @@ from .attribution.engine import AttributionConfig
 from .data import Dataset, load_dataset, train_test_split
 from .errors import CaplocError, IncompatibleResultError
 from .localize import LocateConfig, locate
-from .results import NeuronSet, ScoreStore, atomic_write_json, read_json
+from .results import NeuronSet, atomic_write_json, read_json
+from .scorestore import ScoreStore
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..errors import CaplocError, DataError
 from ..blocks import rows_cache, staggered_blocks
+from ..errors import CaplocError, DataError
 from ..hooks import frozen
 from ..models.layouts import Site
 

@@ -43,7 +43,8 @@ def contrast(
     out: Optional[Path] = typer.Option(None, help="Output directory (default RUN/contrast-<rule>)."),
 ):
     """Contrastive localization: neurons common on the target capability but not on reference capabilities."""
-    from ..contrastive import ContrastConfig, add_erase_specificity, contrast as run_contrast, is_run_dir
+    from ..contrastive import ContrastConfig, add_erase_specificity, is_run_dir
+    from ..contrastive import contrast as run_contrast
     from ..data import load_dataset
     from ..results import read_json
 

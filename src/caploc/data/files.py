@@ -15,14 +15,13 @@ Files written by :meth:`Dataset.to_jsonl` are recognised by their header line an
 
 from __future__ import annotations
 
-from collections import Counter
-
 import csv
 import gzip
 import io
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
