@@ -75,6 +75,28 @@ def test_eval_sets_hold_out_the_localization_prompts():
         eval_sets(["gsm_symbolic", "facts", "facts"], n=2, neuron_meta=None)
 
 
+def test_eval_sets_on_a_fully_used_user_file(tmp_path, caplog):
+    """A file localized on every row leaves nothing held out: a clear error; --no-heldout warns about the overlap."""
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}", "target": f" t{i}", "group": "ab"[i % 2]}) + "\n"
+                         for i in range(10)))
+    loc = load_dataset(str(f))
+    meta = {"dataset": loc.name, "dataset_fingerprint": loc.fingerprint(), "dataset_source": loc.source}
+    with pytest.raises(CaplocError, match="all 10 rows .* were used to localize"):
+        eval_sets([str(f)], n=4, seed=0, neuron_meta=meta)
+    with caplog.at_level("WARNING"):
+        sets = eval_sets([str(f)], n=4, seed=0, neuron_meta=meta, heldout=False)
+    assert len(sets[0][1]) == 4 and "4 of the 4 evaluation rows" in caplog.text
+    part = load_dataset(str(f), n=6, seed=0)
+    meta = {"dataset": part.name, "dataset_fingerprint": part.fingerprint(), "dataset_source": part.source}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        sets = eval_sets([str(f)], n=4, seed=0, neuron_meta=meta)
+    assert "minus 6 used to localize" in caplog.text
+    assert sum(len(ds) for _, ds, _ in sets) == 4 and all(s.prompt not in {x.prompt for x in part}
+                                                          for _, ds, _ in sets for s in ds)
+
+
 def test_pad_id_and_collate():
     class Tok:
         pad_token_id = None

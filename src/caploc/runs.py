@@ -519,13 +519,25 @@ def eval_sets(specs: Sequence[str], *, n: int = 32, seed: int = 1, neuron_meta: 
         loc, why = (None, "no recorded source")
         if loc_spec is not None:
             loc, why = try_rebuild_dataset(prov.data.source, prov.data.fingerprint, allow_paths=[first])
-        pool = load_dataset(first, n=4 * n, seed=seed, target=target, **load_kw)
+        try:
+            pool = load_dataset(first, n=4 * n, seed=seed, target=target, **load_kw)
+        except DataError:  # a file with fewer rows than 4 n: its rows are the pool (a bad file fails again below)
+            pool = load_dataset(first, n=None, seed=seed, target=target, **load_kw)
         if loc is None and len(pool.unique_groups()) < 2:
             raise CaplocError(f"{first} has no groups to hold out and its localization data cannot be rebuilt "
                               f"({why}); pass --no-heldout")
         if loc is not None:
             a, b = heldout_splits(pool, exclude=loc)
             names = ("heldout-samples", "heldout-templates")
+            used = len(pool) - (len(a) if a else 0) - (len(b) if b else 0)
+            log.warning("held-out evaluation data of %s: a pool of %d rows (seed %d) minus %d used to localize -> %d "
+                        "rows of seen groups, %d of unseen groups", first, len(pool), seed, used,
+                        len(a) if a else 0, len(b) if b else 0)
+            if not a and not b:
+                raise CaplocError(f"all {len(pool)} rows of {first} drawn for evaluation were used to localize the "
+                                  f"neurons, none is held out: localize on fewer rows (--n below {len(pool)}), "
+                                  "evaluate on another file, or pass --no-heldout to evaluate on the localization "
+                                  "rows themselves")
         else:
             log.warning("the neurons' localization data cannot be rebuilt (%s): splitting %s by group instead; these "
                         "samples may overlap the localization data", why, first)
@@ -542,7 +554,16 @@ def eval_sets(specs: Sequence[str], *, n: int = 32, seed: int = 1, neuron_meta: 
             raise CaplocError(f"no held-out samples of {first} in a pool of {len(pool)}: load more (--n) or pass "
                               "--no-heldout")
     else:
-        out.append((first, load_dataset(first, n=n, seed=seed, target=target, **load_kw), "on"))
+        ds = load_dataset(first, n=n, seed=seed, target=target, **load_kw)
+        if prov is not None and same and prov.data is not None:
+            loc, _ = try_rebuild_dataset(prov.data.source, prov.data.fingerprint, allow_paths=[first])
+            if loc is not None:
+                seen = {x.prompt for x in loc}
+                k = sum(x.prompt in seen for x in ds)
+                if k:
+                    log.warning("%d of the %d evaluation rows of %s were used to localize the neurons: effects on "
+                                "them are not held-out results", k, len(ds), first)
+        out.append((first, ds, "on"))
     for spec in specs[1:]:
         if any(lab == spec for lab, _, _ in out):
             raise CaplocError(f"dataset {spec!r} is given twice; pass each --data once")
