@@ -9,20 +9,9 @@ import torch
 
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
-from caploc.evaluate import (
-    EvalResult,
-    EvalRun,
-    accuracy,
-    answer_kind,
-    evaluate,
-    generate,
-    heldout_splits,
-    is_correct,
-    nll,
-    normalize_number,
-    parse_answer,
-    run_eval,
-)
+from caploc.runs import heldout_splits
+from caploc.stages.answers import answer_kind, is_correct, normalize_number, parse_answer
+from caploc.stages.evaluate import EvalResult, EvalRun, accuracy, evaluate, generate, nll, run_eval
 from caploc.hooks import count_hooks, erase_neurons, scale_neurons
 from caploc.models.loading import load_model
 

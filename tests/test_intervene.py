@@ -18,14 +18,12 @@ from caploc.export import (
     load_gains,
 )
 from caploc.hooks import count_hooks
-from caploc.intervene import (
+from caploc.neurons import gain_for, intervention
+from caploc.stages.controls import activation_matched_set, random_controls
+from caploc.stages.intervene import (
     InterveneConfig,
     InterventionResult,
     _key,
-    activation_matched_set,
-    gain_for,
-    intervention,
-    random_controls,
     run_intervention,
     specificity_index,
 )
@@ -206,7 +204,7 @@ def test_run_intervention_end_to_end(tmp_path):
         np.testing.assert_array_equal(np.bincount(res.sets[c] // lm.site.d_mlp, minlength=3), [2, 0, 1])
     # k = 1 is exactly the untouched model; the set's effect equals an independent recomputation
     assert res.effect("on", 1.0, "set") == 0.0
-    from caploc.evaluate import nll
+    from caploc.stages.evaluate import nll
 
     base = nll(lm, _data("on"))
     with intervention(lm.site, ns, 3.0):

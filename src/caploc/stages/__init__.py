@@ -1,0 +1,1 @@
+"""The stage layer: one module per verb (a config dataclass + one function)."""
