@@ -6,13 +6,11 @@ import json
 import math
 
 import pytest
-import torch
 
 from caploc.config import check, default_of, from_mapping, help_of, setting, to_mapping
-from caploc.data import Dataset, Sample, collate, load_dataset, pad_id
+from caploc.data import collate, load_dataset, pad_id
 from caploc.errors import CaplocError
-from caploc.runs import (DataInfo, Provenance, eval_sets, rebuild_dataset, settings_diff, spec_of,
-                         try_rebuild_dataset)
+from caploc.runs import DataInfo, Provenance, eval_sets, rebuild_dataset, settings_diff, spec_of, try_rebuild_dataset
 
 
 def test_rebuild_keeps_every_field():
