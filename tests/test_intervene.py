@@ -146,8 +146,9 @@ def test_specificity_index():
     assert math.isnan(specificity_index(0.0, 0.0))
 
 
-def _synthetic(set_on, set_off, rnd_on, rnd_off):
-    """A result with 2 samples of 1 token each (base NLL 1.0) and hand-set ΔNLL per condition at k = 0."""
+def _synthetic(set_on, set_off, rnd_on, rnd_off, min_controls=None):
+    """A result with 2 samples of 1 token each (base NLL 1.0) and hand-set ΔNLL per condition at k = 0; verdicts need
+    ``min_controls`` random sets (default: as many as given)."""
     conds = ["set"] + [f"random_{i}" for i in range(len(rnd_on))]
     tokens = {"on": np.array([1, 3]), "off": np.array([2, 2])}
     base = {"on": np.array([1.0, 3.0]), "off": np.array([2.0, 2.0])}
@@ -156,7 +157,8 @@ def _synthetic(set_on, set_off, rnd_on, rnd_off):
         for c, e in zip(conds, [s_eff] + list(r_eff)):
             sums[_key(lab, 0.0, c)] = base[lab] + e * tokens[lab]  # uniform ΔNLL e per token
     ds = [{"label": "on", "role": "on"}, {"label": "off", "role": "off"}]
-    return InterventionResult(meta={"config": {"primary_k": 0.0, "n_boot": 200}}, datasets=ds, ks=[0.0],
+    need = len(rnd_on) if min_controls is None else min_controls
+    return InterventionResult(meta={"config": {"primary_k": 0.0, "n_boot": 200, "min_controls": need}}, datasets=ds, ks=[0.0],
                               conditions=conds, tokens=tokens, base=base, sums=sums, sets={})
 
 

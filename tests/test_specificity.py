@@ -11,18 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from caploc.contrastive import (
+from caploc.stages.contrast import contrast, split_agreement
+from caploc.stages.contrast_rules import (
     ContrastConfig,
-    contrast,
     contrast_from_counts,
     contrastive_set,
     default_references,
     normalise_scores,
     normalised_entropy,
-    split_agreement,
 )
 from caploc.errors import CaplocError
-from caploc.generic import (
+from caploc.stages.generic import (
     GenericConfig,
     GenericReport,
     common_everywhere,
@@ -366,7 +365,7 @@ def test_erase_specificity_ranks_task_neuron_specific(planted):
     assert t["excess"]["task_b"] == pytest.approx(-t["random_mean"]["task_b"], abs=1e-9)
     assert t["si"] > gn["si"]
     # the same through a contrast result directory: table, claims and figure in report.json
-    from caploc.contrastive import add_erase_specificity
+    from caploc.stages.contrast import add_erase_specificity
 
     out = planted["root"] / "c-erase"
     contrast(planted["root"] / "a", [planted["root"] / "b"], ContrastConfig(rule="subtract"), out, split_seeds=0)

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..stages.evaluate import EvalRun
+from typing import Any  # the stage's result (not imported here: report modules sit below the stages)
 
 
 def _f(v) -> float | None:
@@ -13,7 +10,7 @@ def _f(v) -> float | None:
     return None if math.isnan(v) else v
 
 
-def eval_report(run: "EvalRun") -> dict:
+def eval_report(run: Any) -> dict:
     """Text (model, metrics, intervention), the NLL/accuracy table and the untouched NLL per dataset as claims."""
     m = run.meta
     text = [f"Model {m.get('model_id')} ({m.get('model_fingerprint')}); metrics {', '.join(m.get('metrics', []))}; "

@@ -9,14 +9,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any  # the stage's result (not imported here: report modules sit below the stages)
 
 import numpy as np
 
 from .figures import curves, null_histogram
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..stages.intervene import InterventionResult
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +31,7 @@ def _r(v, nd: int = 4):
     return round(v, nd)
 
 
-def fig_dose_response(res: "InterventionResult", lab: str, path: Path) -> Path:
+def fig_dose_response(res: Any, lab: str, path: Path) -> Path:
     ks = sorted(set(res.ks) | {1.0})
 
     def eff(k, c):
@@ -52,12 +49,12 @@ def fig_dose_response(res: "InterventionResult", lab: str, path: Path) -> Path:
                   title=f"{lab} ({res.role(lab)}-target)", bands=bands)
 
 
-def fig_null_hist(res: "InterventionResult", lab: str, k: float, path: Path) -> Path:
+def fig_null_hist(res: Any, lab: str, k: float, path: Path) -> Path:
     return null_histogram(res.null(lab, k), res.effect(lab, k, "set"), path, title=f"{lab}: k={k:g}",
                           xlabel=f"ΔNLL / target token at k={k:g}", effect_label="neuron set")
 
 
-def _figures(res: "InterventionResult", out_dir: Path) -> list[dict]:
+def _figures(res: Any, out_dir: Path) -> list[dict]:
     figs = []
     pk = res.primary_k
     for i, lab in enumerate(res.labels()):
@@ -96,7 +93,7 @@ def actmatched_sentence(share: float, label: str, k: float) -> str:
             f"(effect_actmatched / effect_set): {reading}.")
 
 
-def _text(res: "InterventionResult", claims: dict) -> list[str]:
+def _text(res: Any, claims: dict) -> list[str]:
     m = res.meta
     cfg = m.get("config", {})
     n = len(res.random_conditions)
@@ -136,7 +133,7 @@ def _text(res: "InterventionResult", claims: dict) -> list[str]:
     return text
 
 
-def intervene_report(res: "InterventionResult", out_dir: Path | str, figures: bool = True) -> dict:
+def intervene_report(res: Any, out_dir: Path | str, figures: bool = True) -> dict:
     """Draw the figures into ``out_dir`` and return the ``report.json`` dict (tables, figures, claims)."""
     out_dir = Path(out_dir)
     has_acc = bool(res.correct)

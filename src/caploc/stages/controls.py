@@ -116,9 +116,10 @@ def absolute_specificity(d_on: float, d_off: float, margin: float, max_off_share
     """The absolute specificity criterion on DIRECTED effects in nats/token (ΔNLL signed so that the gain's expected
     direction is positive): the on-target effect exceeds the off-target effect by at least ``margin``
     (``d_on - d_off >= margin``) AND the off-target effect is small relative to the on-target one
-    (``d_off <= max_off_share * d_on``; an off-target effect in the other direction always passes)."""
+    (``d_off <= max_off_share * d_on``; an off-target effect in the other direction always passes). Returns the gap,
+    ``off_share = d_off / d_on`` (None when ``d_on <= 0``), both criteria and ``holds``."""
     gap = d_on - d_off
-    share = d_off / d_on if d_on > 0 else float("nan")
+    share = d_off / d_on if d_on > 0 else None  # undefined (None, JSON null) without an on-target effect
     margin_ok = bool(math.isfinite(gap) and gap >= margin)
     share_ok = bool(d_on > 0 and (d_off <= 0 or d_off <= max_off_share * d_on))
     return {"gap_nats": gap, "off_share": share, "margin_ok": margin_ok, "share_ok": share_ok,

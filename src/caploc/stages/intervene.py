@@ -283,7 +283,8 @@ class InterventionResult:
                            "z": cmp_["z"], "percentile": cmp_["percentile"], "p_two_sided": cmp_["p_two_sided"],
                            "p_one_sided": cmp_["p_one_sided"], "n_random": cmp_["n_null"]}
                     if cond == "act_matched":
-                        row["share_of_set"] = actmatched_share(est, self.effect(lab, k, "set"))
+                        share = actmatched_share(est, self.effect(lab, k, "set"))
+                        row["share_of_set"] = share if math.isfinite(share) else None  # undefined when the set has no effect
                     acc = self.acc_effect(lab, k, cond)
                     if acc is not None:
                         cmp_a = self.compare(lab, k, cond, "accuracy")
