@@ -19,7 +19,14 @@ from caploc.export import (
 )
 from caploc.hooks import count_hooks
 from caploc.neurons import gain_for, intervention
-from caploc.stages.controls import activation_matched_set, random_controls
+from caploc.stages.controls import (
+    absolute_specificity,
+    activation_matched_set,
+    actmatched_share,
+    permutation_p,
+    random_controls,
+    verdict,
+)
 from caploc.stages.intervene import (
     InterveneConfig,
     InterventionResult,
@@ -306,3 +313,81 @@ def test_cli_intervene_eval_export(tmp_path):
                "--no-peft"])
     assert rc == 0 and (tmp_path / "ex" / "config.json").exists()
     assert main(["intervene", "--neurons", str(tmp_path / "loc"), "--mode", "boost"]) == 2  # one-line error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verdicts (issue 19 item 4): permutation p, minimum number of controls, absolute specificity, act-matched share
+# ---------------------------------------------------------------------------------------------------------------------
+def test_permutation_p_closed_form():
+    null = [0.1, 0.2, 0.3, 0.4]
+    assert permutation_p(0.35, null, +1) == pytest.approx(2 / 5)  # only 0.4 is at least as large
+    assert permutation_p(0.35, null, -1) == pytest.approx(4 / 5)  # 0.1, 0.2, 0.3 are at least as small
+    assert permutation_p(0.3, null, +1) == pytest.approx(3 / 5)  # a tie counts against the claim
+    assert permutation_p(9.0, null, +1) == pytest.approx(1 / 5)  # beyond every random set: the smallest p, 1/(n+1)
+    assert permutation_p(-9.0, null, +1) == pytest.approx(1.0)
+    assert permutation_p(0.35, null + [float("nan")], +1) == pytest.approx(2 / 5)  # non-finite null values ignored
+    assert math.isnan(permutation_p(0.35, [], +1))
+    with pytest.raises(CaplocError):
+        permutation_p(0.0, null, 0)
+
+
+def test_verdict_needs_min_controls():
+    assert verdict(True, 19, 20) == (None, "insufficient controls")
+    assert verdict(False, 5, 20) == (None, "insufficient controls")
+    assert verdict(True, 20, 20) == (True, "holds")
+    assert verdict(False, 25, 20) == (False, "does not hold")
+
+
+def test_absolute_specificity_rule():
+    a = absolute_specificity(1.0, 0.4, margin=0.0, max_off_share=0.5)
+    assert a["holds"] and a["off_share"] == pytest.approx(0.4) and a["gap_nats"] == pytest.approx(0.6)
+    assert not absolute_specificity(1.0, 0.6, margin=0.0, max_off_share=0.5)["holds"]  # off > 0.5 x on
+    assert absolute_specificity(1.0, -2.0, margin=0.0, max_off_share=0.5)["holds"]  # off-target moved the other way
+    assert not absolute_specificity(1.0, 0.4, margin=0.7, max_off_share=0.5)["holds"]  # gap 0.6 < margin 0.7
+    none = absolute_specificity(0.0, 0.0, margin=0.0, max_off_share=0.5)
+    assert not none["holds"] and none["off_share"] is None  # no on-target effect: nothing is specific
+    assert actmatched_share(0.25, 1.0) == pytest.approx(0.25) and math.isnan(actmatched_share(0.1, 0.0))
+
+
+def _spread(n, half_width):
+    """n evenly spaced values in [-half_width, half_width]: mean 0, known sd."""
+    return list(np.linspace(-half_width, half_width, n))
+
+
+def test_claims_with_few_controls_are_insufficient_and_with_enough_get_exact_p():
+    few = _synthetic(1.0, 0.0, _spread(5, 0.1), _spread(5, 0.1), min_controls=20).claims()
+    for name in ("erase_beats_random", "specificity"):
+        assert few[name]["holds"] is None and few[name]["verdict"] == "insufficient controls"
+    assert few["erase_beats_random"]["p"] == pytest.approx(1 / 6)  # the smallest p 5 random sets can give
+    enough = _synthetic(1.0, 0.0, _spread(20, 0.1), _spread(20, 0.1), min_controls=20).claims()
+    assert enough["erase_beats_random"]["holds"] is True and enough["erase_beats_random"]["verdict"] == "holds"
+    assert enough["erase_beats_random"]["p"] == pytest.approx(1 / 21)
+    assert enough["specificity"]["holds"] is True
+    # the set inside the random spread: p = (1 + #{random >= 0.05}) / 21 with 0.05 between grid points
+    inside = _synthetic(0.05, 0.0, _spread(20, 0.1), _spread(20, 0.1), min_controls=20).claims()["erase_beats_random"]
+    n_ge = sum(v >= 0.05 for v in _spread(20, 0.1))
+    assert inside["p"] == pytest.approx((1 + n_ge) / 21) and inside["holds"] is False
+
+
+def test_specificity_needs_z_and_absolute_criteria():
+    # on-target: effect 1.0 against a tight null (huge z); off-target: effect 0.6 against a wide null (z' small), so the
+    # z criterion holds, but 0.6 > 0.5 x 1.0 fails the absolute one: not specific
+    res = _synthetic(1.0, 0.6, _spread(20, 0.1), _spread(20, 5.0), min_controls=20)
+    s = res.specificity(0.0)[0]
+    assert s["z_criterion"] and not s["abs_criterion"] and s["off_share"] == pytest.approx(0.6)
+    spec = res.claims()["specificity"]
+    assert spec["z_criterion"] is True and spec["abs_criterion"] is False and spec["holds"] is False
+    # with off-target effect 0.4 (<= half the on-target one) both hold
+    ok = _synthetic(1.0, 0.4, _spread(20, 0.1), _spread(20, 5.0), min_controls=20).claims()["specificity"]
+    assert ok["z_criterion"] and ok["abs_criterion"] and ok["holds"] is True
+
+
+def test_activation_matched_share_claim():
+    res = _synthetic(1.0, 0.0, _spread(20, 0.1), _spread(20, 0.1), min_controls=20)
+    res.conditions.insert(1, "act_matched")
+    for lab in ("on", "off"):
+        res.sums[_key(lab, 0.0, "act_matched")] = res.base[lab] + 0.25 * res.tokens[lab]  # ΔNLL 0.25 per token
+    c = res.claims()["act_matched_share"]
+    assert c["value"] == pytest.approx(0.25) and c["effect_set"] == pytest.approx(1.0)
+    row = next(r for r in res.summary_rows() if r["condition"] == "act_matched" and r["dataset"] == "on")
+    assert row["share_of_set"] == pytest.approx(0.25)

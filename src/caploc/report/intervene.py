@@ -99,7 +99,7 @@ def _text(res: Any, claims: dict) -> list[str]:
     n = len(res.random_conditions)
     need = res.min_controls
     ai = m.get("activation_matching") or {}
-    margin, share = cfg.get("spec_margin", 0.05), cfg.get("spec_max_off_share", 0.25)
+    margin, share = cfg.get("spec_margin", 0.0), cfg.get("spec_max_off_share", 0.5)  # stages.controls defaults
     text = [
         f"Model {m.get('model_id')} (fingerprint {m.get('model_fingerprint')}); {m.get('n_neurons')} neurons "
         f"({m.get('neuron_site')}) from the set localized on {m.get('neuron_set', {}).get('dataset')} "

@@ -32,6 +32,9 @@ from ..neurons import by_layer, flat_indices
 from ..stats import per_layer_counts, random_layer_matched_set
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "does not hold", "insufficient controls"
+MIN_CONTROLS = 20  # random sets a claim needs before it can hold or fail
+SPEC_MAX_OFF_SHARE = 0.5  # specificity: directed off-target ΔNLL at most half the on-target one
+SPEC_MARGIN = 0.0  # specificity: optional extra margin (nats/token) of the on- over the off-target effect
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,5 +136,5 @@ def actmatched_share(effect_actmatched: float, effect_set: float) -> float:
     return float(effect_actmatched / effect_set)
 
 
-__all__ = ["random_controls", "mean_abs_activation", "activation_matched_set", "permutation_p", "verdict",
+__all__ = ["MIN_CONTROLS", "SPEC_MAX_OFF_SHARE", "SPEC_MARGIN", "random_controls", "mean_abs_activation", "activation_matched_set", "permutation_p", "verdict",
            "absolute_specificity", "actmatched_share", "HOLDS", "FAILS", "INSUFFICIENT"]

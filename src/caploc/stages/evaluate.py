@@ -25,13 +25,13 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..config import check, setting
 from ..data import collate, encode_dataset, encode_prompt, pad_id
 from ..errors import CaplocError
 from ..neurons import MODES, gain_for, intervention
+from ..progress import bar as progress_bar
 from ..report import evaluate as report_eval
 from ..results import atomic_write_json, read_json
 from ..runs import commit
@@ -158,7 +158,7 @@ def _check_batch_size(batch_size: int) -> int:
 
 
 def _bar(total: int, desc: str, progress: bool | None, unit: str = "sample"):
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=(not progress) if progress is not None else None)
+    return progress_bar(total, desc, unit, progress)
 
 
 @torch.no_grad()

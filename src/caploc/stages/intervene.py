@@ -35,9 +35,10 @@ THIS data", but ignore size (a tiny off-target effect of a set whose random null
 and a large off-target effect with a wide null a small one). So the claim needs, for EVERY off-target dataset, both
 
 * the z criterion: z'_on >= 2 and SI >= 1/3 (for positive z': z'_on is at least twice z'_off), and
-* the absolute criterion on directed set effects Δ' = d * ΔNLL (nats/token): Δ'_on - Δ'_off >= ``spec_margin``
-  (default 0.05) AND Δ'_off <= ``spec_max_off_share`` * Δ'_on (default 0.25; an off-target effect in the other
-  direction passes).
+* the absolute criterion on directed set effects Δ' = d * ΔNLL (nats/token): the off-target effect is small against
+  the on-target one, Δ'_off <= ``spec_max_off_share`` * Δ'_on (default 0.5: off-target at most half the on-target
+  effect; Δ'_on must be > 0; an off-target effect in the other direction passes), AND Δ'_on - Δ'_off >=
+  ``spec_margin`` (default 0: no extra margin).
 
 The activation-matched control is read as the share of the set's effect it reproduces: effect_actmatched /
 effect_set (claim ``act_matched_share``).
@@ -53,19 +54,22 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import check, setting
 from ..data import encode_dataset
 from ..errors import CaplocError
 from ..neurons import flat_indices, intervention
+from ..progress import bar as progress_bar
 from ..report import intervene as report_iv
 from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_result
 from ..runs import commit
 from ..stats import bootstrap_ci, compare_to_null
 from .answers import answer_kind
 from .controls import (
+    MIN_CONTROLS,
+    SPEC_MARGIN,
+    SPEC_MAX_OFF_SHARE,
     absolute_specificity,
     activation_matched_set,
     actmatched_share,
@@ -91,16 +95,16 @@ class InterveneConfig:
     ks: tuple = setting((0.0,), help="Gains to apply, e.g. 0,0.5,1,2 (0 = erase, 1 = untouched, > 1 = enhance).",
                         min=0.0, item=float)
     primary_k: float | None = setting(None, help="The gain of the headline claims (default: the first of ks).", min=0.0)
-    n_random: int = setting(20, help="Random layer-matched control sets (a claim needs at least min_controls).", min=2)
-    min_controls: int = setting(20, help="Random sets a claim needs for a verdict; with fewer it reads 'insufficient "
+    n_random: int = setting(MIN_CONTROLS, help="Random layer-matched control sets (a claim needs at least min_controls).", min=2)
+    min_controls: int = setting(MIN_CONTROLS, help="Random sets a claim needs for a verdict; with fewer it reads 'insufficient "
                                 "controls'.", min=2)
     seed: int = setting(0, help="Random sets use seeds seed..seed+n_random-1.")
     act_matched: bool = setting(True, help="Also run the activation-matched control.")
     act_samples: int = setting(8, help="Samples for the mean |activation| of the matched control.", min=1)
-    spec_margin: float = setting(0.05, help="Specificity: the directed on-target ΔNLL must exceed the off-target one "
-                                 "by at least this many nats/token.", min=0.0)
-    spec_max_off_share: float = setting(0.25, help="Specificity: the directed off-target ΔNLL may be at most this "
-                                        "share of the on-target one.", min=0.0)
+    spec_margin: float = setting(SPEC_MARGIN, help="Specificity: the directed on-target ΔNLL must exceed the "
+                                 "off-target one by at least this many nats/token.", min=0.0)
+    spec_max_off_share: float = setting(SPEC_MAX_OFF_SHARE, help="Specificity: the directed off-target ΔNLL may be at "
+                                        "most this share of the on-target one.", min=0.0)
     metrics: tuple = setting(("nll",), help="nll, accuracy or both (accuracy generates: slow).", choices=METRICS,
                              item=str)
     chat: bool = setting(False, help="Wrap prompts in the chat template.")
@@ -190,7 +194,7 @@ class InterventionResult:
 
     @property
     def min_controls(self) -> int:
-        return int(self._cfg("min_controls", 20))
+        return int(self._cfg("min_controls", MIN_CONTROLS))
 
     @property
     def primary_k(self) -> float | None:
@@ -299,7 +303,7 @@ class InterventionResult:
         """For every on-target x off-target pair at gain k (default: every gain != 1): directed z-scores, SI, excess
         effects in nats and their ratio, the directed set effects and the absolute criterion (module docstring)."""
         out = []
-        margin, share = float(self._cfg("spec_margin", 0.05)), float(self._cfg("spec_max_off_share", 0.25))
+        margin, share = float(self._cfg("spec_margin", SPEC_MARGIN)), float(self._cfg("spec_max_off_share", SPEC_MAX_OFF_SHARE))
         for kk in ([k] if k is not None else [x for x in self.ks if x != 1.0]):
             d = _dir(kk)
             for on in self.labels("on"):
@@ -372,8 +376,8 @@ class InterventionResult:
                 "definition": "SI = (z'_on - z'_off)/(|z'_on| + |z'_off|), z' = z-score vs the random sets of the same "
                               "dataset, signed so that the expected direction of the gain is positive; holds = for "
                               "every off-target dataset z'_on >= 2 and SI >= 1/3 (z criterion) AND, on directed set "
-                              f"effects Δ' (nats/token), Δ'_on - Δ'_off >= {self._cfg('spec_margin', 0.05):g} and "
-                              f"Δ'_off <= {self._cfg('spec_max_off_share', 0.25):g} Δ'_on (absolute criterion); "
+                              f"effects Δ' (nats/token), Δ'_on - Δ'_off >= {self._cfg('spec_margin', SPEC_MARGIN):g} and "
+                              f"Δ'_off <= {self._cfg('spec_max_off_share', SPEC_MAX_OFF_SHARE):g} Δ'_on (absolute criterion); "
                               f"needs n_random >= {need}",
             }
         if pk is not None and "act_matched" in self.conditions:
@@ -498,8 +502,7 @@ def run_intervention(lm, neurons, datasets: Sequence[tuple[str, object, str]], c
     tokens, base, sums, base_correct, correct = {}, {}, {}, {}, {}
     gains = list(cfg.ks)
     n_evals = sum(1 + sum(len(conditions) for k in gains if k != 1.0) for _ in datasets)
-    with tqdm(total=n_evals, desc="intervene", unit="eval", leave=False,
-              disable=(not progress) if progress is not None else None) as bar:
+    with progress_bar(n_evals, "intervene", "eval", progress) as bar:
         for lab, ds, role in datasets:
             enc = encode_dataset(lm.tokenizer, ds, chat=cfg.chat, max_length=max_len)
             kind = answer_kind(ds) if "accuracy" in cfg.metrics else None
