@@ -391,3 +391,15 @@ def test_activation_matched_share_claim():
     assert c["value"] == pytest.approx(0.25) and c["effect_set"] == pytest.approx(1.0)
     row = next(r for r in res.summary_rows() if r["condition"] == "act_matched" and r["dataset"] == "on")
     assert row["share_of_set"] == pytest.approx(0.25)
+
+
+def test_activation_matched_sentence_readings():
+    from caploc.report.intervene import actmatched_sentence
+
+    assert "undefined" in actmatched_sentence(float("nan"), "gsm", 0.0)
+    assert "not read" in actmatched_sentence(3.3, "gsm", 0.0, set_effect=-0.01)  # erase made NLL better: no reading
+    assert "not read" in actmatched_sentence(0.5, "gsm", 2.0, set_effect=+0.01)  # enhance made NLL worse
+    assert "alone explains" in actmatched_sentence(1.2, "gsm", 0.0, set_effect=0.5)
+    assert "part of the set's effect" in actmatched_sentence(0.3, "gsm", 0.0, set_effect=0.5)
+    assert "not explained" in actmatched_sentence(0.05, "gsm", 0.0, set_effect=0.5)
+    assert "other way" in actmatched_sentence(-0.5, "gsm", 2.0, set_effect=-0.5)

@@ -74,13 +74,23 @@ def _figures(res: Any, out_dir: Path) -> list[dict]:
     return figs
 
 
-def actmatched_sentence(share: float, label: str, k: float) -> str:
-    """A plain reading of ``stages.controls.actmatched_share`` (effect_actmatched / effect_set) for the report."""
+def actmatched_sentence(share: float, label: str, k: float, set_effect: float | None = None) -> str:
+    """A plain reading of ``stages.controls.actmatched_share`` (effect_actmatched / effect_set) for the report.
+
+    ``set_effect``: the set's ΔNLL/token; the share is only read when it moves the data in the gain's expected
+    direction (NLL up for k < 1, down for k > 1). Readings: >= 1 magnitude explains all of it; >= 0.5 much; >= 0.2
+    part; > -0.2 not explained by magnitude; below: the matched set moves the data the other way."""
+    head = f"The activation-matched set's share of the set's effect on {label} at k={k:g}"
     if not math.isfinite(share):
-        return (f"The activation-matched set's share of the set's effect on {label} at k={k:g} is undefined (the set "
-                "has no effect there).")
-    pct = f"{100 * share:.0f} %"
-    if share >= 0.5:
+        return f"{head} is undefined (the set has no effect there)."
+    direction = 1 if k < 1 else (-1 if k > 1 else 0)
+    if set_effect is not None and direction * set_effect <= 0:
+        return (f"{head} is {100 * share:.0f} %, but it is not read: the set itself does not move the data in the "
+                f"expected direction (ΔNLL/token {set_effect:+.4g}).")
+    if share >= 1:
+        reading = ("neurons that merely fire as strongly move the data at least as much as the set: activation "
+                   "magnitude alone explains the effect")
+    elif share >= 0.5:
         reading = ("much of the set's effect is reproduced by neurons that merely fire as strongly: activation "
                    "magnitude, not the identity of these neurons, explains a large part of it")
     elif share >= 0.2:
@@ -89,7 +99,7 @@ def actmatched_sentence(share: float, label: str, k: float) -> str:
         reading = "the set's effect is not explained by how strongly its neurons fire"
     else:
         reading = "the activation-matched set moves the data the other way, so magnitude does not explain the effect"
-    return (f"The activation-matched set reproduces {pct} of the set's ΔNLL on {label} at k={k:g} "
+    return (f"The activation-matched set reproduces {100 * share:.0f} % of the set's ΔNLL on {label} at k={k:g} "
             f"(effect_actmatched / effect_set): {reading}.")
 
 
@@ -129,7 +139,8 @@ def _text(res: Any, claims: dict) -> list[str]:
     ]
     am = claims.get("act_matched_share")
     if am is not None:
-        text.append(actmatched_sentence(float("nan") if am["value"] is None else am["value"], am["dataset"], am["k"]))
+        text.append(actmatched_sentence(float("nan") if am["value"] is None else am["value"], am["dataset"], am["k"],
+                                        am.get("effect_set")))
     return text
 
 
