@@ -18,7 +18,9 @@ from caploc.export import (
     load_gains,
 )
 from caploc.hooks import count_hooks
+from caploc.models.loading import load_model
 from caploc.neurons import gain_for, intervention
+from caploc.results import NeuronSet
 from caploc.stages.controls import (
     absolute_specificity,
     activation_matched_set,
@@ -34,8 +36,6 @@ from caploc.stages.intervene import (
     run_intervention,
     specificity_index,
 )
-from caploc.models.loading import load_model
-from caploc.results import NeuronSet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -213,7 +213,7 @@ def test_run_intervention_end_to_end(tmp_path):
         np.testing.assert_array_equal(np.bincount(res.sets[c] // lm.site.d_mlp, minlength=3), [2, 0, 1])
     # k = 1 is exactly the untouched model; the set's effect equals an independent recomputation
     assert res.effect("on", 1.0, "set") == 0.0
-    from caploc.stages.evaluate import nll
+    from caploc.measure import nll
 
     base = nll(lm, _data("on"))
     with intervention(lm.site, ns, 3.0):

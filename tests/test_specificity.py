@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from caploc.errors import CaplocError
+from caploc.localize import LocateConfig, locate
+from caploc.results import NeuronSet
 from caploc.stages.contrast import contrast, split_agreement
 from caploc.stages.contrast_rules import (
     ContrastConfig,
@@ -20,7 +23,6 @@ from caploc.stages.contrast_rules import (
     normalise_scores,
     normalised_entropy,
 )
-from caploc.errors import CaplocError
 from caploc.stages.generic import (
     GenericConfig,
     GenericReport,
@@ -31,8 +33,6 @@ from caploc.stages.generic import (
     massive_flags,
     sample_nll,
 )
-from caploc.localize import LocateConfig, locate
-from caploc.results import NeuronSet
 
 
 @pytest.fixture(scope="module", autouse=True)

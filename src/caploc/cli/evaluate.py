@@ -7,10 +7,11 @@ from typing import List, Optional
 import typer
 
 from ..errors import CaplocError
+from ..measure import METRICS
 from ..neurons import gain_for
 from ..results import NeuronSet
 from ..runs import eval_sets
-from ..stages.evaluate import METRICS, EvalConfig, run_eval
+from ..stages.evaluate import EvalConfig, run_eval
 from .app import app, console, load_model_from_opts
 from .options import opt, split_list
 

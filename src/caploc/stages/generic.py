@@ -40,11 +40,11 @@ from ..config import check, setting
 from ..data import collate, encode_dataset, pad_id
 from ..errors import CaplocError, IncompatibleResultError
 from ..hooks import capture, erase_neurons
+from ..measure import nll_sums
 from ..neurons import pairs_of
 from ..progress import bar as progress_bar
 from ..report import generic as report_generic
 from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
-from .evaluate import nll_sums
 
 log = logging.getLogger(__name__)
 

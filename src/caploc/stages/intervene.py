@@ -56,16 +56,17 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..answers import answer_kind
 from ..config import check, setting
 from ..data import encode_dataset
 from ..errors import CaplocError
+from ..measure import METRICS, accuracy, nll_sums
 from ..neurons import flat_indices, intervention
 from ..progress import bar as progress_bar
 from ..report import intervene as report_iv
 from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_result
 from ..runs import commit
 from ..stats import bootstrap_ci, compare_to_null
-from .answers import answer_kind
 from .controls import (
     MIN_CONTROLS,
     SPEC_MARGIN,
@@ -78,7 +79,6 @@ from .controls import (
     random_controls,
     verdict,
 )
-from .evaluate import METRICS, accuracy, nll_sums
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Sequence
 
-from ..errors import CaplocError
+from .errors import CaplocError
 
 KINDS = ("gsm", "label", "facts", "exact")
 
