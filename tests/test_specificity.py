@@ -14,7 +14,7 @@ import torch
 from caploc.errors import CaplocError
 from caploc.localize import LocateConfig, locate
 from caploc.results import NeuronSet
-from caploc.stages.contrast import contrast, split_agreement
+from caploc.stages.contrast import ContrastResult, contrast, split_agreement
 from caploc.stages.contrast_rules import (
     ContrastConfig,
     contrast_from_counts,
@@ -294,6 +294,12 @@ def test_contrastive_rules_keep_only_the_task_neuron(planted, rule, tmp_path):
     assert con_row["split_iou"] == pytest.approx(1.0)
     back = NeuronSet.load(tmp_path / rule)
     assert back.meta["contrast"]["rule"] == rule and back.meta["contrast"]["removed_from_plain"] == 1
+    # the stored result round-trips: the same tables, and the same report from the loaded result
+    loaded = ContrastResult.load(tmp_path / rule)
+    assert loaded.neurons.pairs.tolist() == [[0, TASK]] and loaded.table == json.loads(json.dumps(res.table))
+    np.testing.assert_array_equal(loaded.statistic, res.statistic)
+    np.testing.assert_array_equal(loaded.ref_freq, res.ref_freq)
+    assert json.loads(json.dumps(loaded.to_report(tmp_path / rule))) == rep
 
 
 def test_generic_diagnostics_flag_only_the_generic_neuron(planted, tmp_path):
