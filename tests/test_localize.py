@@ -59,7 +59,7 @@ def test_neuron_set_from_scores_and_round_trip(tmp_path):
     assert back.pairs.tolist() == ns.pairs.tolist() and np.array_equal(back.counts, ns.counts)
     assert back.meta["model_id"] == "x" and np.allclose(back.frequency, ns.frequency)
     ns.to_kn_json(tmp_path / "kn.json")
-    assert json.loads((tmp_path / "kn.json").read_text()) == [[1, 5], [2, 0]]
+    assert json.loads((tmp_path / "kn.json").read_text()) == {"n_layers": 3, "d_mlp": 8, "neurons": [[1, 5], [2, 0]]}
     kn = NeuronSet.from_kn_json(tmp_path / "kn.json", 3, 8)
     assert kn.pairs.tolist() == ns.pairs.tolist()
     assert NeuronSet.from_lape(ns.to_lape(), 8).pairs.tolist() == ns.pairs.tolist()

@@ -110,6 +110,8 @@ class LocateConfig:
         check(self)
         if not isinstance(self.attribution, AttributionConfig):
             raise CaplocError("LocateConfig.attribution must be an AttributionConfig")
+        if self.min_freq > 1 and self.min_freq != int(self.min_freq):
+            raise CaplocError(f"min_freq {self.min_freq} must be a fraction in (0, 1] or a whole number of samples")
 
     @property
     def rule_value(self) -> float:
@@ -132,6 +134,22 @@ class LocateResult:
 # ---------------------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------------------
+def check_fits(lm, cfg: LocateConfig, n_samples: int) -> None:
+    """Settings that depend on the model or the data, checked before any work: layers inside the model, a length
+    limit inside its context, a sample-count threshold the dataset can reach."""
+    layers = cfg.attribution.layers
+    if layers is not None:
+        bad = [l for l in layers if not 0 <= int(l) < lm.site.n_layers]
+        if bad:
+            raise CaplocError(f"layers {bad} are outside this model's {lm.site.n_layers} layers "
+                              f"(0-{lm.site.n_layers - 1})")
+    ctx = getattr(lm.model.config, "max_position_embeddings", None)
+    if cfg.max_length is not None and isinstance(ctx, int) and cfg.max_length > ctx:
+        raise CaplocError(f"max_length {cfg.max_length} is beyond the model's context of {ctx} tokens; pass at most "
+                          f"{ctx}")
+    min_count(cfg.min_freq, n_samples)
+
+
 def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwrite: bool = False,
                   rank: int = 0, world: int = 1, progress: bool | None = None) -> ScoreStore:
     """Attribute every sample and write the per-sample score store (resumable; shards split over ``world`` ranks)."""
@@ -143,6 +161,7 @@ def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwr
         raise DataError(f"dataset {dataset.name!r} is empty: nothing to localize")
     out_dir = Path(out_dir)
     site = lm.site
+    check_fits(lm, cfg, len(dataset))
     max_len = cfg.max_length or getattr(lm.model.config, "max_position_embeddings", None)
     encoded = encode_dataset(lm.tokenizer, dataset, chat=cfg.chat, max_length=max_len)
     store = ScoreStore(out_dir / "scores")

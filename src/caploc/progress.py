@@ -73,8 +73,10 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", progress: bo
     return Bar(total=total, desc=desc, unit=unit, leave=False, disable=not enabled(progress), dynamic_ncols=True, **kw)
 
 
-def track(iterable, total: int | None = None, desc: str = "", unit: str = "it", progress: bool | None = None):
-    """Iterate ``iterable`` with a progress bar."""
+def track(iterable, desc: str = "", total: int | None = None, unit: str = "it", progress: bool | None = None):
+    """Iterate ``iterable`` with a progress bar labelled ``desc`` (``total`` defaults to ``len(iterable)``)."""
+    if not isinstance(desc, str):  # track(items, n): the count given positionally
+        desc, total = "", desc
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
     with bar(total, desc, unit, progress) as b:

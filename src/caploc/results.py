@@ -7,9 +7,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -137,12 +140,77 @@ def read_tensors(path: Path | str, what: str = "result") -> dict[str, torch.Tens
 # ---------------------------------------------------------------------------------------------------------------------
 # neuron sets
 # ---------------------------------------------------------------------------------------------------------------------
+def _leaves(obj):
+    if isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _leaves(x)
+    else:
+        yield obj
+
+
+def _index_array(obj, what: str, pairs: bool = True) -> np.ndarray:
+    """An array, tensor or nested list of integers -> int64 ``[n, 2]`` (``pairs``) or ``[n]``. Floats (even 3.0),
+    bools, strings and ragged lists are refused with one line: an index is never silently truncated or cast."""
+    if torch.is_tensor(obj):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        a = obj
+        if a.size and (a.dtype == np.bool_ or a.dtype.kind not in "iu"):
+            raise CaplocError(f"{what} must be integers, not {a.dtype} values")
+    elif isinstance(obj, (list, tuple)):
+        bads = [x for x in _leaves(obj) if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))]
+        if bads:
+            bad = bads[0]
+            raise CaplocError(f"{what} must be integers, found {bad!r} ({type(bad).__name__})")
+        try:
+            a = np.array(obj, dtype=np.int64)
+        except (ValueError, OverflowError):
+            raise CaplocError(f"{what} is not a rectangular list of integers") from None
+    else:
+        raise CaplocError(f"{what} must be a list or array of integers, not {type(obj).__name__}")
+    if a.size and a.dtype.kind == "u" and int(a.max()) > np.iinfo(np.int64).max:
+        raise CaplocError(f"{what} has an index too large for int64")
+    a = a.astype(np.int64)
+    if a.size == 0:
+        return a.reshape(0, 2) if pairs else a.reshape(0)
+    if pairs and (a.ndim != 2 or a.shape[1] != 2):
+        raise CaplocError(f"{what} must be [layer, index] pairs (shape [n, 2]), got shape {list(a.shape)}")
+    if not pairs and a.ndim != 1:
+        raise CaplocError(f"{what} must be a flat list of integers, got shape {list(a.shape)}")
+    return a
+
+
+def _finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _count(value, what: str, minimum: int = 1) -> int:
+    """A model dimension or sample count: an int (not a bool, not a float) >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise CaplocError(f"{what} must be an integer >= {minimum}, not {value!r}")
+    return int(value)
+
+
+def _float_array(values, n: int, what: str) -> np.ndarray:
+    if torch.is_tensor(values):
+        values = values.detach().cpu().numpy()
+    try:
+        a = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (ValueError, TypeError):
+        raise CaplocError(f"{what} must be numbers") from None
+    if len(a) != n:
+        raise CaplocError(f"{what} has {len(a)} values for {n} neurons")
+    return a
+
+
 @dataclass
 class NeuronSet:
-    """A set of MLP neurons of one model: sorted (layer, index) pairs.
+    """A set of MLP neurons of one model: sorted, distinct (layer, index) pairs.
 
     ``frequency[k]`` / ``mean_score[k]`` belong to ``pairs[k]``. ``counts`` (optional, [n_layers * d_mlp]) holds how many of
-    ``n_samples`` samples selected every neuron, so the frequency threshold can be re-swept.
+    ``n_samples`` samples selected every neuron, so the frequency threshold can be re-swept. Indices must be integers
+    inside the model's ``n_layers`` x ``d_mlp``; anything else is refused with a one-line error.
     """
 
     pairs: np.ndarray  # [n, 2] int64 (layer, index), sorted
@@ -155,22 +223,59 @@ class NeuronSet:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        p = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
+        self.n_layers = _count(self.n_layers, "n_layers")
+        self.d_mlp = _count(self.d_mlp, "d_mlp")
+        self.n_samples = _count(self.n_samples, "n_samples", minimum=0)
+        p = _index_array(self.pairs, "neuron (layer, index) pairs")
         if len(p):
-            if p[:, 0].min() < 0 or p[:, 0].max() >= self.n_layers or p[:, 1].min() < 0 or p[:, 1].max() >= self.d_mlp:
+            neg = np.flatnonzero((p < 0).any(1))
+            if len(neg):
+                raise CaplocError(f"neuron set has a negative (layer, index) pair {tuple(p[neg[0]].tolist())}")
+            out = np.flatnonzero((p[:, 0] >= self.n_layers) | (p[:, 1] >= self.d_mlp))
+            if len(out):
                 raise IncompatibleResultError(
-                    f"neuron set has (layer, index) outside a model with {self.n_layers} layers x {self.d_mlp} neurons"
+                    f"neuron set has (layer, index) {tuple(p[out[0]].tolist())} outside a model with {self.n_layers} "
+                    f"layers x {self.d_mlp} neurons"
                 )
         order = np.lexsort((p[:, 1], p[:, 0]))
         self.pairs = p[order]
+        if len(p) > 1:
+            dup = np.flatnonzero((np.diff(self.pairs, axis=0) == 0).all(1))
+            if len(dup):
+                raise CaplocError(f"neuron set lists (layer, index) {tuple(self.pairs[dup[0]].tolist())} twice")
         if self.frequency is not None:
-            self.frequency = np.asarray(self.frequency, dtype=np.float64)[order]
+            self.frequency = _float_array(self.frequency, len(p), "frequency")[order]
         if self.mean_score is not None:
-            self.mean_score = np.asarray(self.mean_score, dtype=np.float64)[order]
+            self.mean_score = _float_array(self.mean_score, len(p), "mean_score")[order]
+        if self.counts is not None:
+            c = _index_array(self.counts, "counts", pairs=False)
+            if len(c) != self.n_layers * self.d_mlp:
+                raise CaplocError(f"counts has {len(c)} entries for {self.n_layers} x {self.d_mlp} neurons")
+            self.counts = c
+        if not isinstance(self.meta, dict):
+            raise CaplocError(f"meta must be a dict, not {type(self.meta).__name__}")
 
     # ---- views --------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def __repr__(self) -> str:
+        n = len(self)
+        text = (f"NeuronSet({n} neurons of {self.n_layers} layers x {self.d_mlp} "
+                f"({100 * self.share_of_neurons():.2f}%)")
+        if n:
+            per = self.per_layer_counts()
+            top = [int(l) for l in np.argsort(-per, kind="stable")[:3] if per[l]]
+            text += ", top layers " + ", ".join(f"L{l}: {int(per[l])}" for l in top)
+            text += ", pairs [" + ", ".join(f"({l}, {i})" for l, i in self.pairs[:4].tolist())
+            text += ", ...]" if n > 4 else "]"
+        if self.n_samples:
+            text += f", {self.n_samples} samples"
+        if self.meta.get("model_id"):
+            text += f", model {self.meta['model_id']}"
+        return text + ")"
+
+    __str__ = __repr__
 
     @property
     def flat(self) -> np.ndarray:
@@ -178,7 +283,8 @@ class NeuronSet:
 
     @classmethod
     def from_flat(cls, flat, n_layers: int, d_mlp: int, **kw) -> "NeuronSet":
-        flat = np.asarray(flat, dtype=np.int64)
+        d_mlp = _count(d_mlp, "d_mlp")
+        flat = _index_array(flat, "flat neuron indices", pairs=False)
         return cls(np.stack([flat // d_mlp, flat % d_mlp], 1), n_layers, d_mlp, **kw)
 
     def by_layer(self) -> dict[int, np.ndarray]:
@@ -193,6 +299,19 @@ class NeuronSet:
     def share_of_params(self) -> float | None:
         ppn, tot = self.meta.get("params_per_neuron"), self.meta.get("total_params")
         return len(self) * ppn / tot if ppn and tot else None
+
+    def to_pandas(self):
+        """A ``pandas.DataFrame`` with one row per neuron: layer, index, frequency, mean_score (NaN when unknown)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise CaplocError("NeuronSet.to_pandas needs pandas: pip install pandas") from None
+        nan = np.full(len(self), np.nan)
+        return pd.DataFrame({
+            "layer": self.pairs[:, 0], "index": self.pairs[:, 1],
+            "frequency": self.frequency if self.frequency is not None else nan,
+            "mean_score": self.mean_score if self.mean_score is not None else nan,
+        })
 
     def check_compatible(self, site) -> None:
         """Refuse to apply this set to a model with other dimensions."""
@@ -218,12 +337,23 @@ class NeuronSet:
             "caploc_version": __version__, "kind": "neuron_set", "n_neurons": len(self), "n_layers": self.n_layers,
             "d_mlp": self.d_mlp, "n_samples": self.n_samples, "per_layer": self.per_layer_counts().tolist(),
             "share_of_neurons": self.share_of_neurons(), "share_of_params": self.share_of_params(), **self.meta,
+            # binds the JSON to the tensors it describes: the tensors are written first, the JSON last, and a reader
+            # refuses a pair whose digests disagree (a kill between the two writes leaves a detectable mix).
+            "tensors_sha256": tensors_digest(t),
+            # every neuron, readable without tools (the tensors stay the source of truth)
+            "neurons": [
+                {"layer": int(l), "index": int(i),
+                 "frequency": None if self.frequency is None else _finite_or_none(self.frequency[k]),
+                 "mean_score": None if self.mean_score is None else _finite_or_none(self.mean_score[k])}
+                for k, (l, i) in enumerate(self.pairs.tolist())
+            ],
         }
         atomic_write_json(out_dir / f"{name}.json", meta)
         return out_dir / f"{name}.json"
 
     @classmethod
     def load(cls, path: Path | str, name: str = "neurons") -> "NeuronSet":
+        """A set written by ``save`` (its directory, or its .json / .safetensors path), or a KN JSON file."""
         path = Path(path)
         if path.suffix == ".json" and path.exists() and not (path.with_suffix(".safetensors")).exists():
             return cls.from_kn_json(path)
@@ -232,42 +362,77 @@ class NeuronSet:
         else:
             jpath, tpath = path.with_suffix(".json"), path.with_suffix(".safetensors")
         meta = read_json(jpath)
-        if meta.get("kind") != "neuron_set":
-            raise CaplocError(f"{jpath} is not a caploc neuron set (kind={meta.get('kind')!r})")
+        if not isinstance(meta, dict) or meta.get("kind") != "neuron_set":
+            kind = meta.get("kind") if isinstance(meta, dict) else type(meta).__name__
+            raise CaplocError(f"{jpath} is not a caploc neuron set (kind={kind!r})")
         if not tpath.exists():
             raise CaplocError(f"{tpath} is missing: the neuron set directory is incomplete")
-        t = load_file(str(tpath))
+        try:
+            t = load_file(str(tpath))
+        except (SafetensorError, OSError) as e:
+            first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+            raise CaplocError(f"{tpath} is truncated or corrupt ({first}): rerun the command that wrote it") from None
+        if "pairs" not in t:
+            raise CaplocError(f"{tpath} has no 'pairs' tensor: it is not a caploc neuron set")
         keys = ("caploc_version", "kind", "n_neurons", "n_layers", "d_mlp", "n_samples", "per_layer",
-                "share_of_neurons", "share_of_params")
+                "share_of_neurons", "share_of_params", "tensors_sha256", "neurons")
         extra = {k: v for k, v in meta.items() if k not in keys}
-        return cls(
-            t["pairs"].numpy(), int(meta["n_layers"]), int(meta["d_mlp"]),
-            frequency=t["frequency"].numpy() if "frequency" in t else None,
-            mean_score=t["mean_score"].numpy() if "mean_score" in t else None,
-            counts=t["counts"].numpy() if "counts" in t else None, n_samples=int(meta.get("n_samples", 0)), meta=extra,
-        )
+        try:
+            ns = cls(
+                t["pairs"], _count(meta.get("n_layers"), "n_layers"), _count(meta.get("d_mlp"), "d_mlp"),
+                frequency=t.get("frequency"), mean_score=t.get("mean_score"), counts=t.get("counts"),
+                n_samples=_count(meta.get("n_samples", 0), "n_samples", minimum=0), meta=extra,
+            )
+        except CaplocError as e:
+            raise type(e)(f"{jpath.parent / jpath.stem}.{{json,safetensors}}: {e}") from None
+        digest = meta.get("tensors_sha256")
+        if digest is not None and digest != tensors_digest(t):
+            raise CaplocError(f"{jpath} does not describe {tpath.name} (checksum mismatch): the two files come from "
+                              "different runs or one was cut short; rerun the command that wrote them")
+        if "n_neurons" in meta and meta["n_neurons"] != len(ns):
+            raise CaplocError(f"{jpath} says {meta['n_neurons']!r} neurons but {tpath.name} holds {len(ns)}: "
+                              "the two files come from different runs; rerun the command that wrote them")
+        return ns
 
     # ---- interchange --------------------------------------------------------------------------------------------
-    def to_kn_json(self, path: Path | str) -> None:
-        """KN-style ``[[layer, index], ...]`` list (knowledge-neurons / EasyEdit format)."""
-        atomic_write_json(path, self.pairs.tolist())
+    def to_kn_json(self, path: Path | str, *, plain: bool = False) -> None:
+        """KN-style ``[[layer, index], ...]`` pairs (knowledge-neurons / EasyEdit format), written with the model's
+        dimensions as ``{"n_layers": L, "d_mlp": d, "neurons": [[layer, index], ...]}`` so ``from_kn_json`` reads it
+        back identically; ``plain=True`` writes the bare list for tools that expect only that."""
+        neurons = self.pairs.tolist()
+        atomic_write_json(path, neurons if plain else {"n_layers": self.n_layers, "d_mlp": self.d_mlp,
+                                                       "neurons": neurons})
 
     @classmethod
     def from_kn_json(cls, path: Path | str, n_layers: int | None = None, d_mlp: int | None = None) -> "NeuronSet":
-        data = read_json(path)
-        if isinstance(data, dict):  # {"neurons": [...], "n_layers":..., "d_mlp":...}
-            n_layers = n_layers or data.get("n_layers")
-            d_mlp = d_mlp or data.get("d_mlp")
-            data = data.get("neurons", [])
+        """Read ``to_kn_json``'s output, or a bare ``[[layer, index], ...]`` list. A bare list does not say the model's
+        dimensions: pass ``n_layers`` and ``d_mlp``, else they are guessed from the largest indices (with a warning)."""
+        data = read_json(Path(path))
+        if isinstance(data, dict):
+            if "neurons" not in data:
+                raise CaplocError(f"{path} has no 'neurons' list: expected {{\"n_layers\", \"d_mlp\", \"neurons\"}} "
+                                  "or a list of [layer, index] pairs")
+            for given, key in ((n_layers, "n_layers"), (d_mlp, "d_mlp")):
+                stored = data.get(key)
+                if given is not None and stored is not None and given != stored:
+                    raise IncompatibleResultError(f"{path} was written for {key}={stored!r}, not {given!r}")
+            n_layers = n_layers if n_layers is not None else data.get("n_layers")
+            d_mlp = d_mlp if d_mlp is not None else data.get("d_mlp")
+            data = data["neurons"]
+        if not isinstance(data, list):
+            raise CaplocError(f"{path} is not a list of [layer, index] pairs (it holds a JSON {type(data).__name__})")
         try:
-            pairs = np.asarray(data, dtype=np.int64).reshape(-1, 2)
-        except (ValueError, TypeError):
-            raise CaplocError(f"{path} is not a list of [layer, index] pairs") from None
-        if n_layers is None or d_mlp is None:
-            n_layers = int(pairs[:, 0].max()) + 1 if len(pairs) else 1
-            d_mlp = int(pairs[:, 1].max()) + 1 if len(pairs) else 1
-            log.warning("%s has no model dimensions; assuming %d layers x %d neurons (checked on use)", path, n_layers, d_mlp)
-        return cls(pairs, int(n_layers), int(d_mlp), meta={"imported_from": str(path)})
+            pairs = _index_array(data, "neurons")
+            if n_layers is None or d_mlp is None:
+                guess_l = int(pairs[:, 0].max()) + 1 if len(pairs) else 1
+                guess_d = int(pairs[:, 1].max()) + 1 if len(pairs) else 1
+                n_layers = guess_l if n_layers is None else n_layers
+                d_mlp = guess_d if d_mlp is None else d_mlp
+                log.warning("%s has no model dimensions; assuming %s layers x %s neurons (checked on use)",
+                            path, n_layers, d_mlp)
+            return cls(pairs, n_layers, d_mlp, meta={"imported_from": str(path)})
+        except CaplocError as e:
+            raise type(e)(f"{path}: {e}") from None
 
     def to_lape(self) -> list[list[int]]:
         """LAPE-style per-layer index lists (one list per layer)."""
@@ -276,8 +441,12 @@ class NeuronSet:
 
     @classmethod
     def from_lape(cls, lists: list[list[int]], d_mlp: int) -> "NeuronSet":
-        pairs = [(l, i) for l, ix in enumerate(lists) for i in ix]
-        return cls(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), len(lists), d_mlp)
+        """Inverse of ``to_lape``: ``lists[layer]`` holds that layer's neuron indices (one list per layer)."""
+        if not isinstance(lists, (list, tuple)) or not lists:
+            raise CaplocError("LAPE neurons must be a non-empty list with one list of indices per layer")
+        per = [_index_array(ix, f"LAPE layer {l}", pairs=False) for l, ix in enumerate(lists)]
+        pairs = np.concatenate([np.stack([np.full(len(ix), l), ix], 1) for l, ix in enumerate(per)]).astype(np.int64)
+        return cls(pairs, len(lists), d_mlp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,14 +596,17 @@ class OutLock:
     """An exclusive, non-blocking lock on a result directory (``DIR/.caploc.lock``), held while a verb writes there.
 
     A second process writing into the same directory gets a one-line error instead of mixing shards and metadata.
-    The lock is an OS file lock, so it disappears with the process even after SIGKILL (no stale lock files to clean).
-    Re-entrant within one process (nested stages share the outer lock)."""
+    The lock is an OS file lock, so it disappears with the process even after SIGKILL. On a clean exit the lock file is
+    removed (while still locked; a process that opened the old file notices the unlinked inode and retries), and a
+    directory the lock itself created is removed again if nothing was written into it, so a refused command leaves no
+    trace. Re-entrant within one process (nested stages share the outer lock)."""
 
     _held: dict[str, int] = {}
 
     def __init__(self, out_dir: Path | str):
         self.path = Path(out_dir).expanduser().resolve() / ".caploc.lock"
         self._fd: int | None = None
+        self._made_dir = False
 
     def __enter__(self) -> "OutLock":
         import fcntl
@@ -443,14 +615,25 @@ class OutLock:
         if k in OutLock._held:
             OutLock._held[k] += 1
             return self
+        self._made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise CaplocError(f"another caploc process is writing into {self.path.parent}; wait for it or pass "
-                              "another --out") from None
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise CaplocError(f"another caploc process is writing into {self.path.parent}; wait for it or pass "
+                                  "another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
+        else:  # pragma: no cover - needs 100 lost races in a row
+            raise CaplocError(f"could not lock {self.path.parent}; retry")
         self._fd = fd
         OutLock._held[k] = 1
         return self
@@ -463,9 +646,14 @@ class OutLock:
         if OutLock._held[k] == 0:
             del OutLock._held[k]
             if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
                 self._fd = None
+            if self._made_dir:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only if empty: nothing was written
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

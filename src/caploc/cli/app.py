@@ -43,7 +43,11 @@ def run(argv: list[str]) -> int:
         err_console.print(Text("interrupted: finished work (score shards, finished stages) is kept and the same command "
                                "resumes; no result directory was half-written"))
         return 130
-    except (UnicodeDecodeError, RecursionError, MemoryError) as e:  # a user file caploc could not read
+    except RecursionError as e:  # a crafted file: JSON nested deeper than Python's parser goes
+        print_error(f"an input file is nested too deeply to read ({_first_line(e)}): check the files passed to this "
+                    "command")
+        return 2
+    except (UnicodeDecodeError, MemoryError) as e:  # a user file caploc could not read
         print_error(f"{type(e).__name__} while reading input ({_first_line(e)}): check the files passed to this "
                     "command (text files must be UTF-8)")
         return 2
@@ -90,13 +94,20 @@ def parse_layers(text: str | None) -> list[int] | None:
     out: list[int] = []
     try:
         for part in text.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out += list(range(int(a), int(b) + 1))
+            if "-" in part.strip()[1:]:
+                a, b = part.strip().split("-")
+                a, b = int(a), int(b)
+                if b < a:
+                    raise CaplocError(f"--layers range {part.strip()!r} is reversed; write it low-high, e.g. '{b}-{a}'")
+                out += list(range(a, b + 1))
             else:
                 out.append(int(part))
     except ValueError:
         raise CaplocError(f"cannot parse --layers {text!r}; use e.g. '10-29' or '0,3,5'") from None
+    if any(x < 0 for x in out):
+        raise CaplocError(f"--layers {text!r} has a negative layer; layers count from 0")
+    if len(set(out)) != len(out):
+        raise CaplocError(f"--layers {text!r} names a layer twice")
     return out
 
 
@@ -105,6 +116,27 @@ def load_model_from_opts(model: str, dtype: str, device: str, device_map: str | 
 
     with console.status(f"loading {model} ...", spinner="dots"):
         return load_model(model, dtype=dtype, device=device, device_map=device_map, layout=layout)
+
+
+def print_cards(cards) -> None:
+    """The top neurons: (layer, index), frequency, mean score and the context where each fires most."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table("neuron", "freq", "mean score", box=None, pad_edge=False)
+    t.add_column(Text("fires most at (token in [brackets])"))
+    for c in cards:
+        ctx = Text()
+        if c.contexts:
+            top = c.contexts[0]
+            for i, tok in enumerate(top.tokens):
+                tok = tok.replace("\n", "⏎")
+                ctx.append(f"[{tok}]" if i == top.mark else tok, style="bold" if i == top.mark else None)
+            ctx.append(f"  ({top.activation:.3g}, sample {top.sample_id})", style="dim")
+        freq = "" if c.frequency is None else f"{c.frequency:.2f}"
+        score = "" if c.mean_score is None else f"{c.mean_score:.3g}"
+        t.add_row(f"L{c.layer}:{c.index}", freq, score, ctx)
+    console.print(t)
 
 
 def print_neuron_summary(ns, title: str) -> None:

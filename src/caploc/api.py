@@ -1,0 +1,205 @@
+"""The notebook API: every verb on a model you already hold, on data you already hold.
+
+    import caploc
+    res = caploc.locate(model, [{"prompt": "2 + 3 =", "target": " 5"}, ...], tokenizer=tok, method="grad_x_act")
+    res                      # Localization(12 neurons of 30 x 1536 (0.03%), top layers L3: 4, ..., 48 samples)
+    res.pairs                # [[layer, index], ...]
+    res.to_pandas()          # layer, index, frequency, mean_score
+
+``model`` is an already-loaded transformers causal LM (pass its ``tokenizer``), a :class:`~caploc.models.LoadedModel`,
+or anything :func:`caploc.models.load_model` takes (``"smollm2-135m"``, ``"tiny:llama"``, a directory, a ``.gguf``).
+``data`` is a list of ``{"prompt", "target"}`` dicts (other keys: ``group``, ``id``, kept as metadata), a pandas
+``DataFrame``, a ``datasets.Dataset``, a :class:`caploc.data.Dataset` or a spec string (``"gsm_symbolic"``,
+``"rg:basic_arithmetic"``, a file path). Settings are the fields of the verb's config dataclasses (``method=``,
+``sigma=``, ``min_freq=``, ``n_random=``...), validated exactly as the CLI and the TOML are; an unknown name is refused
+with the list of valid ones.
+
+A model passed in is borrowed, not changed: its weights are never modified (interventions are contexts that restore
+them bit for bit), and its train/eval mode, its tokenizer's pad token and padding side are put back afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .attribution.engine import AttributionConfig
+from .data import Dataset, load_dataset
+from .data.files import records_to_samples
+from .errors import CaplocError
+from .localize import LocateConfig, LocateResult
+from .localize import locate as _locate
+from .models import LoadedModel, load_model
+from .models.fingerprint import model_fingerprint
+from .models.layouts import LAYOUTS, Site
+from .results import NeuronSet
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------------------------
+def as_model(model: Any, tokenizer: Any = None, *, layout: Any = None, **load_kw) -> LoadedModel:
+    """A :class:`LoadedModel` from a loaded transformers model (+ its tokenizer), a LoadedModel, or a name/path."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), layout=layout, **load_kw)
+    if not hasattr(model, "config") or not hasattr(model, "parameters"):
+        raise CaplocError(f"model must be a transformers causal LM, a LoadedModel or a model name/path, not "
+                          f"{type(model).__name__}")
+    if tokenizer is None:
+        raise CaplocError("pass tokenizer= with an in-memory model (caploc never downloads one)")
+    if isinstance(layout, str) and layout.strip() in LAYOUTS:
+        layout = LAYOUTS[layout.strip()]
+    site = Site(model, layout)
+    first = next(model.parameters())
+    model_id = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    info = {
+        "model_id": model_id, "source": "in-memory", "path": None, "model_type": site.model_type,
+        "dtype": str(first.dtype).replace("torch.", ""), "device": str(first.device), "device_map": None,
+        "n_layers": site.n_layers, "d_mlp": site.d_mlp, "n_params": int(sum(p.numel() for p in model.parameters())),
+        "fingerprint": model_fingerprint(model),
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, site=site, model_id=model_id, info=info)
+
+
+@contextlib.contextmanager
+def borrowed(lm: LoadedModel) -> Iterator[LoadedModel]:
+    """Put the model in eval mode and give its tokenizer a pad token and right padding for the duration; restore the
+    caller's settings afterwards (also on errors)."""
+    model, tok = lm.model, lm.tokenizer
+    was_training = bool(getattr(model, "training", False))
+    pad, side = getattr(tok, "pad_token", None), getattr(tok, "padding_side", None)
+    try:
+        model.eval()
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+        yield lm
+    finally:
+        model.train(was_training)
+        if pad is None and tok.pad_token is not None:
+            tok.pad_token = None
+        if side is not None:
+            tok.padding_side = side
+
+
+def _records(data: Any) -> list[dict] | None:
+    """Rows of a list of dicts, a pandas DataFrame or a datasets.Dataset (``None`` for anything else)."""
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas.DataFrame
+        return data.to_dict("records")
+    if hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__"):  # datasets
+        return [data[i] for i in range(len(data))]
+    return None
+
+
+def as_dataset(data: Any, *, name: str = "data", prompt_field: str | None = None, target_field: str | None = None,
+               group_field: str | None = None, n: int | None = None, seed: int = 0, target: str = "cot") -> Dataset:
+    """A :class:`caploc.data.Dataset` from rows (list of dicts, DataFrame, datasets.Dataset), a Dataset or a spec."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, Path)):
+        return load_dataset(str(data), n=n, seed=seed, target=target, prompt_field=prompt_field,
+                            target_field=target_field, group_field=group_field)
+    rows = _records(data)
+    if rows is None:
+        raise CaplocError(f"data must be a list of {{'prompt', 'target'}} dicts, a pandas DataFrame, a datasets.Dataset, "
+                          f"a caploc Dataset or a dataset spec string, not {type(data).__name__}")
+    samples, fields = records_to_samples(rows, f"'{name}'", prompt_field=prompt_field, target_field=target_field,
+                                         group_field=group_field)
+    if n is not None:
+        if n < 1 or n > len(samples):
+            raise CaplocError(f"n={n} but '{name}' has {len(samples)} rows")
+        keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:n])
+        samples = [samples[i] for i in keep]
+    return Dataset(name, samples, {"loader": "in-memory", "rows": len(rows), "n": n, "seed": seed, **fields})
+
+
+def split_settings(settings: dict, *classes: type) -> list[dict]:
+    """Distribute ``settings`` over the fields of ``classes`` (the first class naming a field gets it); an unknown name
+    is refused with the valid ones."""
+    out: list[dict] = [{} for _ in classes]
+    names = [{f.name for f in dataclasses.fields(c)} for c in classes]
+    for key, value in settings.items():
+        for i, fields in enumerate(names):
+            if key in fields:
+                out[i][key] = value
+                break
+        else:
+            valid = sorted(set().union(*names))
+            raise CaplocError(f"unknown setting {key!r}; valid settings: {', '.join(valid)}")
+    return out
+
+
+@contextlib.contextmanager
+def _out_dir(out: str | Path | None) -> Iterator[Path]:
+    if out is not None:
+        yield Path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="caploc-") as tmp:
+        yield Path(tmp) / "run"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Localization:
+    """What :func:`locate` found: the commonality neurons, the run's summary and where it was written (``None`` when
+    no ``out`` was given: the per-sample scores were in a temporary directory, gone now)."""
+
+    neurons: NeuronSet
+    summary: dict
+    out_dir: Path | None
+
+    @property
+    def pairs(self) -> list[list[int]]:
+        return self.neurons.pairs.tolist()
+
+    def to_pandas(self):
+        """One row per neuron: layer, index, frequency, mean_score."""
+        return self.neurons.to_pandas()
+
+    def __len__(self) -> int:
+        return len(self.neurons)
+
+    def __repr__(self) -> str:
+        inner = repr(self.neurons)
+        inner = inner[inner.index("(") + 1: -1] if "(" in inner else inner
+        return f"Localization({inner})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verbs
+# ---------------------------------------------------------------------------------------------------------------------
+def locate(model: Any, data: Any, tokenizer: Any = None, *, out: str | Path | None = None, overwrite: bool = False,
+           prompt_field: str | None = None, target_field: str | None = None, n: int | None = None, seed: int = 0,
+           **settings) -> Localization:
+    """Commonality neuron localization on ``data``: per-sample attribution, the per-sample rule, the frequency rule.
+
+    Settings: the fields of :class:`~caploc.localize.LocateConfig` (``rule``, ``sigma``, ``min_freq``, ...) and of
+    :class:`~caploc.attribution.engine.AttributionConfig` (``method``, ``steps``, ``objective``, ``layers``, ...).
+    With ``out`` the run is written there (resumable, readable by every CLI verb); without, it lives in a temporary
+    directory for the duration of the call.
+    """
+    lm = as_model(model, tokenizer)
+    ds = as_dataset(data, prompt_field=prompt_field, target_field=target_field, n=n, seed=seed)
+    akw, lkw = split_settings(settings, AttributionConfig, LocateConfig)
+    if "attribution" in lkw:
+        raise CaplocError("pass attribution settings by name (method=, steps=, ...), not attribution=")
+    cfg = LocateConfig(attribution=AttributionConfig(**akw), **lkw)
+    with borrowed(lm), _out_dir(out) as out_dir:
+        res: LocateResult = _locate(lm, ds, cfg, out_dir, overwrite=overwrite)
+    return Localization(neurons=res.neurons, summary=res.summary, out_dir=Path(out) if out is not None else None)
+
+
+__all__ = ["Localization", "as_dataset", "as_model", "borrowed", "locate", "split_settings"]
