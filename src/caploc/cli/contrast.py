@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..data import load_dataset
-from ..results import read_json
+from ..results import check_out_dir, read_json
 from ..runs import is_run_dir
 from ..stages.contrast import add_erase_specificity, resolve_references
 from ..stages.contrast import contrast as run_contrast
@@ -52,6 +52,8 @@ def contrast(
     cfg = ContrastConfig(rule=rule, threshold=threshold, top_n=top_n, min_target_freq=min_target_freq, ref_agg=ref_agg,
                          ref_min_freq=ref_min_freq, ref_mode=ref_mode, smoothing=smoothing, norm=norm,
                          max_entropy=max_entropy, entropy_quantile=entropy_quantile)
+    if out is not None:
+        check_out_dir(out)
     refs = _split(reference) or None
     lm = None
     needs_model = eval_data is not None or refs is None or any(not is_run_dir(r) for r in refs)
@@ -104,6 +106,7 @@ def generic(
     out: Path = typer.Option(Path("runs/generic"), help="Output directory."),
 ):
     """Flag generic neurons: massive activations on every dataset, common on every run, (optionally) erase effects."""
+    check_out_dir(out)
     run_list = _split(runs)
     specs = _split(data)
     cfg = GenericConfig(massive_ratio=massive_ratio, massive_top=massive_top, common_freq=common_freq, erase=erase,

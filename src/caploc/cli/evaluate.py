@@ -9,7 +9,7 @@ import typer
 from ..errors import CaplocError
 from ..measure import METRICS
 from ..neurons import gain_for
-from ..results import NeuronSet
+from ..results import NeuronSet, check_out_dir
 from ..runs import eval_sets
 from ..stages.evaluate import EvalConfig, run_eval
 from .app import app, console, load_model_from_opts
@@ -65,6 +65,7 @@ def eval_cmd(
     cfg = EvalConfig(metrics=parse_metrics(metrics), mode=mode, k=k, chat=chat, batch_size=batch_size,
                      max_length=max_length, max_new_tokens=max_new_tokens)
     gain_for(cfg.mode, cfg.k)  # validate before loading anything
+    check_out_dir(out)
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
     entries = eval_sets(data, n=n, seed=seed, neuron_meta=ns.meta if ns is not None else None, heldout=heldout,
                         target=target, n_off=n_off)

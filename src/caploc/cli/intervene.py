@@ -9,6 +9,7 @@ import typer
 from ..errors import CaplocError
 from ..export import export_enhanced
 from ..neurons import gain_for
+from ..results import check_out_dir
 from ..runs import default_off_target, eval_sets, spec_of
 from ..stages.intervene import InterveneConfig, run_intervention
 from .app import app, console
@@ -65,6 +66,7 @@ def intervene(
                           act_matched=act_matched, act_samples=act_samples, spec_margin=spec_margin,
                           spec_max_off_share=spec_max_off_share, metrics=parse_metrics(metrics), chat=chat,
                           batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, n_boot=n_boot)
+    check_out_dir(out)
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
     specs = list(data or [])
     if not specs:

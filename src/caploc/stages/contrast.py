@@ -25,7 +25,7 @@ from ..errors import CaplocError, IncompatibleResultError
 from ..localize import LocateConfig, load_scores, locate, min_count, neuron_set_from_scores
 from ..models.loading import load_model
 from ..report import contrast as report_contrast
-from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, check_out_dir, read_json, read_tensors
 from ..runs import (
     Provenance,
     check_same_settings,
@@ -271,9 +271,9 @@ def contrast(run_dir: Path | str, reference_run_dirs, cfg: ContrastConfig | None
     t0 = time.time()
     cfg = cfg or ContrastConfig()
     run_dir = Path(run_dir)
-    meta = read_json(run_dir / "neurons.json")
+    meta = NeuronSet.load(run_dir).meta  # the run's recorded metadata (not the fields NeuronSet.save derives)
     lcfg = locate_config_from_dict(meta.get("config"))
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / f"contrast-{cfg.rule}"
+    out_dir = check_out_dir(out_dir if out_dir is not None else run_dir / f"contrast-{cfg.rule}")
     refs = resolve_references(run_dir, reference_run_dirs, lm=lm, out_root=run_dir / "references", progress=progress)
     if not refs and cfg.rule != "none":
         raise CaplocError("no reference datasets: pass --reference with run directories or dataset specs")

@@ -19,7 +19,7 @@ from ..errors import CaplocError
 from ..measure import METRICS, EvalResult, evaluate
 from ..neurons import MODES, gain_for, intervention
 from ..report import evaluate as report_eval
-from ..results import atomic_write_json, read_json
+from ..results import atomic_write_json, check_out_dir, read_json
 from ..runs import commit
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ def run_eval(lm, datasets: dict[str, Any], *, neurons=None, mode: str = "erase",
     ``mode``, ``k``, ``metrics`` and ``kw``. Writes ``eval.json`` + ``report.json`` to ``out_dir``."""
     if cfg is not None:
         mode, k, metrics, kw = cfg.mode, cfg.k, cfg.metrics, {**kw, **cfg.measure_kw()}
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir)  # before any computation
     t0 = time.time()
     results: dict[str, dict[str, EvalResult]] = {}
     gain = gain_for(mode, k) if neurons is not None else None

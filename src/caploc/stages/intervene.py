@@ -64,7 +64,7 @@ from ..measure import METRICS, accuracy, nll_sums
 from ..neurons import flat_indices, intervention
 from ..progress import bar as progress_bar
 from ..report import intervene as report_iv
-from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_result
+from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, check_out_dir, read_result
 from ..runs import commit
 from ..stats import bootstrap_ci, compare_to_null
 from .controls import (
@@ -472,6 +472,8 @@ def run_intervention(lm, neurons, datasets: Sequence[tuple[str, object, str]], c
     """Measure ``neurons`` (a NeuronSet) against its controls on ``datasets`` = [(label, Dataset, role)] with role
     "on" (on-target) or "off" (off-target); on-target entries must come first. See the module docstring."""
     cfg = cfg or InterveneConfig()
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir)  # before any computation
     site = lm.site
     flat = _check_inputs(site, neurons, datasets)
     labels = [lab for lab, _, _ in datasets]
