@@ -18,19 +18,24 @@ from caploc.export import (
     load_gains,
 )
 from caploc.hooks import count_hooks
-from caploc.intervene import (
+from caploc.models.loading import load_model
+from caploc.neurons import gain_for, intervention
+from caploc.results import NeuronSet
+from caploc.stages.controls import (
+    absolute_specificity,
+    activation_matched_set,
+    actmatched_share,
+    permutation_p,
+    random_controls,
+    verdict,
+)
+from caploc.stages.intervene import (
     InterveneConfig,
     InterventionResult,
     _key,
-    activation_matched_set,
-    gain_for,
-    intervention,
-    random_controls,
     run_intervention,
     specificity_index,
 )
-from caploc.models.loading import load_model
-from caploc.results import NeuronSet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -148,8 +153,9 @@ def test_specificity_index():
     assert math.isnan(specificity_index(0.0, 0.0))
 
 
-def _synthetic(set_on, set_off, rnd_on, rnd_off):
-    """A result with 2 samples of 1 token each (base NLL 1.0) and hand-set ΔNLL per condition at k = 0."""
+def _synthetic(set_on, set_off, rnd_on, rnd_off, min_controls=None):
+    """A result with 2 samples of 1 token each (base NLL 1.0) and hand-set ΔNLL per condition at k = 0; verdicts need
+    ``min_controls`` random sets (default: as many as given)."""
     conds = ["set"] + [f"random_{i}" for i in range(len(rnd_on))]
     tokens = {"on": np.array([1, 3]), "off": np.array([2, 2])}
     base = {"on": np.array([1.0, 3.0]), "off": np.array([2.0, 2.0])}
@@ -158,7 +164,8 @@ def _synthetic(set_on, set_off, rnd_on, rnd_off):
         for c, e in zip(conds, [s_eff] + list(r_eff)):
             sums[_key(lab, 0.0, c)] = base[lab] + e * tokens[lab]  # uniform ΔNLL e per token
     ds = [{"label": "on", "role": "on"}, {"label": "off", "role": "off"}]
-    return InterventionResult(meta={"config": {"primary_k": 0.0, "n_boot": 200}}, datasets=ds, ks=[0.0],
+    need = len(rnd_on) if min_controls is None else min_controls
+    return InterventionResult(meta={"config": {"primary_k": 0.0, "n_boot": 200, "min_controls": need}}, datasets=ds, ks=[0.0],
                               conditions=conds, tokens=tokens, base=base, sums=sums, sets={})
 
 
@@ -206,7 +213,7 @@ def test_run_intervention_end_to_end(tmp_path):
         np.testing.assert_array_equal(np.bincount(res.sets[c] // lm.site.d_mlp, minlength=3), [2, 0, 1])
     # k = 1 is exactly the untouched model; the set's effect equals an independent recomputation
     assert res.effect("on", 1.0, "set") == 0.0
-    from caploc.evaluate import nll
+    from caploc.measure import nll
 
     base = nll(lm, _data("on"))
     with intervention(lm.site, ns, 3.0):
@@ -306,3 +313,93 @@ def test_cli_intervene_eval_export(tmp_path):
                "--no-peft"])
     assert rc == 0 and (tmp_path / "ex" / "config.json").exists()
     assert main(["intervene", "--neurons", str(tmp_path / "loc"), "--mode", "boost"]) == 2  # one-line error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verdicts (issue 19 item 4): permutation p, minimum number of controls, absolute specificity, act-matched share
+# ---------------------------------------------------------------------------------------------------------------------
+def test_permutation_p_closed_form():
+    null = [0.1, 0.2, 0.3, 0.4]
+    assert permutation_p(0.35, null, +1) == pytest.approx(2 / 5)  # only 0.4 is at least as large
+    assert permutation_p(0.35, null, -1) == pytest.approx(4 / 5)  # 0.1, 0.2, 0.3 are at least as small
+    assert permutation_p(0.3, null, +1) == pytest.approx(3 / 5)  # a tie counts against the claim
+    assert permutation_p(9.0, null, +1) == pytest.approx(1 / 5)  # beyond every random set: the smallest p, 1/(n+1)
+    assert permutation_p(-9.0, null, +1) == pytest.approx(1.0)
+    assert permutation_p(0.35, null + [float("nan")], +1) == pytest.approx(2 / 5)  # non-finite null values ignored
+    assert math.isnan(permutation_p(0.35, [], +1))
+    with pytest.raises(CaplocError):
+        permutation_p(0.0, null, 0)
+
+
+def test_verdict_needs_min_controls():
+    assert verdict(True, 19, 20) == (None, "insufficient controls")
+    assert verdict(False, 5, 20) == (None, "insufficient controls")
+    assert verdict(True, 20, 20) == (True, "holds")
+    assert verdict(False, 25, 20) == (False, "does not hold")
+
+
+def test_absolute_specificity_rule():
+    a = absolute_specificity(1.0, 0.4, margin=0.0, max_off_share=0.5)
+    assert a["holds"] and a["off_share"] == pytest.approx(0.4) and a["gap_nats"] == pytest.approx(0.6)
+    assert not absolute_specificity(1.0, 0.6, margin=0.0, max_off_share=0.5)["holds"]  # off > 0.5 x on
+    assert absolute_specificity(1.0, -2.0, margin=0.0, max_off_share=0.5)["holds"]  # off-target moved the other way
+    assert not absolute_specificity(1.0, 0.4, margin=0.7, max_off_share=0.5)["holds"]  # gap 0.6 < margin 0.7
+    none = absolute_specificity(0.0, 0.0, margin=0.0, max_off_share=0.5)
+    assert not none["holds"] and none["off_share"] is None  # no on-target effect: nothing is specific
+    assert actmatched_share(0.25, 1.0) == pytest.approx(0.25) and math.isnan(actmatched_share(0.1, 0.0))
+
+
+def _spread(n, half_width):
+    """n evenly spaced values in [-half_width, half_width]: mean 0, known sd."""
+    return list(np.linspace(-half_width, half_width, n))
+
+
+def test_claims_with_few_controls_are_insufficient_and_with_enough_get_exact_p():
+    few = _synthetic(1.0, 0.0, _spread(5, 0.1), _spread(5, 0.1), min_controls=20).claims()
+    for name in ("erase_beats_random", "specificity"):
+        assert few[name]["holds"] is None and few[name]["verdict"] == "insufficient controls"
+    assert few["erase_beats_random"]["p"] == pytest.approx(1 / 6)  # the smallest p 5 random sets can give
+    enough = _synthetic(1.0, 0.0, _spread(20, 0.1), _spread(20, 0.1), min_controls=20).claims()
+    assert enough["erase_beats_random"]["holds"] is True and enough["erase_beats_random"]["verdict"] == "holds"
+    assert enough["erase_beats_random"]["p"] == pytest.approx(1 / 21)
+    assert enough["specificity"]["holds"] is True
+    # the set inside the random spread: p = (1 + #{random >= 0.05}) / 21 with 0.05 between grid points
+    inside = _synthetic(0.05, 0.0, _spread(20, 0.1), _spread(20, 0.1), min_controls=20).claims()["erase_beats_random"]
+    n_ge = sum(v >= 0.05 for v in _spread(20, 0.1))
+    assert inside["p"] == pytest.approx((1 + n_ge) / 21) and inside["holds"] is False
+
+
+def test_specificity_needs_z_and_absolute_criteria():
+    # on-target: effect 1.0 against a tight null (huge z); off-target: effect 0.6 against a wide null (z' small), so the
+    # z criterion holds, but 0.6 > 0.5 x 1.0 fails the absolute one: not specific
+    res = _synthetic(1.0, 0.6, _spread(20, 0.1), _spread(20, 5.0), min_controls=20)
+    s = res.specificity(0.0)[0]
+    assert s["z_criterion"] and not s["abs_criterion"] and s["off_share"] == pytest.approx(0.6)
+    spec = res.claims()["specificity"]
+    assert spec["z_criterion"] is True and spec["abs_criterion"] is False and spec["holds"] is False
+    # with off-target effect 0.4 (<= half the on-target one) both hold
+    ok = _synthetic(1.0, 0.4, _spread(20, 0.1), _spread(20, 5.0), min_controls=20).claims()["specificity"]
+    assert ok["z_criterion"] and ok["abs_criterion"] and ok["holds"] is True
+
+
+def test_activation_matched_share_claim():
+    res = _synthetic(1.0, 0.0, _spread(20, 0.1), _spread(20, 0.1), min_controls=20)
+    res.conditions.insert(1, "act_matched")
+    for lab in ("on", "off"):
+        res.sums[_key(lab, 0.0, "act_matched")] = res.base[lab] + 0.25 * res.tokens[lab]  # ΔNLL 0.25 per token
+    c = res.claims()["act_matched_share"]
+    assert c["value"] == pytest.approx(0.25) and c["effect_set"] == pytest.approx(1.0)
+    row = next(r for r in res.summary_rows() if r["condition"] == "act_matched" and r["dataset"] == "on")
+    assert row["share_of_set"] == pytest.approx(0.25)
+
+
+def test_activation_matched_sentence_readings():
+    from caploc.report.intervene import actmatched_sentence
+
+    assert "undefined" in actmatched_sentence(float("nan"), "gsm", 0.0)
+    assert "not read" in actmatched_sentence(3.3, "gsm", 0.0, set_effect=-0.01)  # erase made NLL better: no reading
+    assert "not read" in actmatched_sentence(0.5, "gsm", 2.0, set_effect=+0.01)  # enhance made NLL worse
+    assert "alone explains" in actmatched_sentence(1.2, "gsm", 0.0, set_effect=0.5)
+    assert "part of the set's effect" in actmatched_sentence(0.3, "gsm", 0.0, set_effect=0.5)
+    assert "not explained" in actmatched_sentence(0.05, "gsm", 0.0, set_effect=0.5)
+    assert "other way" in actmatched_sentence(-0.5, "gsm", 2.0, set_effect=-0.5)

@@ -11,18 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from caploc.contrastive import (
+from caploc.errors import CaplocError
+from caploc.localize import LocateConfig, locate
+from caploc.results import NeuronSet
+from caploc.stages.contrast import ContrastResult, contrast, split_agreement
+from caploc.stages.contrast_rules import (
     ContrastConfig,
-    contrast,
     contrast_from_counts,
     contrastive_set,
     default_references,
     normalise_scores,
     normalised_entropy,
-    split_agreement,
 )
-from caploc.errors import CaplocError
-from caploc.generic import (
+from caploc.stages.generic import (
     GenericConfig,
     GenericReport,
     common_everywhere,
@@ -32,8 +33,6 @@ from caploc.generic import (
     massive_flags,
     sample_nll,
 )
-from caploc.localize import LocateConfig, locate
-from caploc.results import NeuronSet
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -295,6 +294,12 @@ def test_contrastive_rules_keep_only_the_task_neuron(planted, rule, tmp_path):
     assert con_row["split_iou"] == pytest.approx(1.0)
     back = NeuronSet.load(tmp_path / rule)
     assert back.meta["contrast"]["rule"] == rule and back.meta["contrast"]["removed_from_plain"] == 1
+    # the stored result round-trips: the same tables, and the same report from the loaded result
+    loaded = ContrastResult.load(tmp_path / rule)
+    assert loaded.neurons.pairs.tolist() == [[0, TASK]] and loaded.table == json.loads(json.dumps(res.table))
+    np.testing.assert_array_equal(loaded.statistic, res.statistic)
+    np.testing.assert_array_equal(loaded.ref_freq, res.ref_freq)
+    assert json.loads(json.dumps(loaded.to_report(tmp_path / rule))) == rep
 
 
 def test_generic_diagnostics_flag_only_the_generic_neuron(planted, tmp_path):
@@ -366,7 +371,7 @@ def test_erase_specificity_ranks_task_neuron_specific(planted):
     assert t["excess"]["task_b"] == pytest.approx(-t["random_mean"]["task_b"], abs=1e-9)
     assert t["si"] > gn["si"]
     # the same through a contrast result directory: table, claims and figure in report.json
-    from caploc.contrastive import add_erase_specificity
+    from caploc.stages.contrast import add_erase_specificity
 
     out = planted["root"] / "c-erase"
     contrast(planted["root"] / "a", [planted["root"] / "b"], ContrastConfig(rule="subtract"), out, split_seeds=0)

@@ -46,7 +46,7 @@ ADAPTER_DIR = "ia3_adapter"
 
 def gain_vectors(neurons, k: float, n_layers: int, d_mlp: int) -> dict[int, torch.Tensor]:
     """{layer: gain [d_mlp] float32}: 1 everywhere, ``k`` at the set's neurons; only layers with set neurons."""
-    from .intervene import by_layer
+    from .neurons import by_layer
 
     out = {}
     for l, ix in sorted(by_layer(neurons, d_mlp).items()):

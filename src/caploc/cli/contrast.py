@@ -5,12 +5,18 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
+from ..data import load_dataset
+from ..results import check_out_dir, read_json
+from ..runs import is_run_dir
+from ..stages.contrast import add_erase_specificity, resolve_references
+from ..stages.contrast import contrast as run_contrast
+from ..stages.contrast_rules import ContrastConfig
+from ..stages.generic import GenericConfig, find_generic
 from .app import app, console, load_model_from_opts, print_neuron_summary
-
-
-def _split(text: Optional[str]) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+from .options import opt
+from .options import split_list as _split
 
 
 @app.command()
@@ -19,17 +25,17 @@ def contrast(
     reference: Optional[str] = typer.Option(None, help="Comma-separated locate run dirs and/or dataset specs (scored "
                                             "with the target's settings first). Default: the built-in capabilities of "
                                             "other kinds (gsm target: facts, rg:letter_counting, rg:sentence_reordering, humaneval)."),
-    rule: str = typer.Option("subtract", help="none | subtract | freq-diff | freq-ratio | score-diff | lape."),
-    threshold: Optional[float] = typer.Option(None, help="Rule threshold (freq-diff 0.5, freq-ratio 3, score-diff 3 sd)."),
-    top_n: Optional[int] = typer.Option(None, help="Keep the n best neurons instead of a threshold."),
-    min_target_freq: Optional[float] = typer.Option(None, help="Floor on the target frequency (default: locate min_freq)."),
-    ref_agg: str = typer.Option("mean", help="Combine references: mean (equal-weight mix) | max."),
-    ref_min_freq: Optional[float] = typer.Option(None, help="subtract: reference commonality threshold (default min_freq)."),
-    ref_mode: str = typer.Option("any", help="subtract: any (each reference) | pooled."),
-    smoothing: float = typer.Option(1.0, help="freq-ratio additive smoothing."),
-    norm: str = typer.Option("z", help="score-diff per-sample normalisation: z | rank."),
-    max_entropy: float = typer.Option(0.5, help="lape: normalised entropy threshold."),
-    entropy_quantile: Optional[float] = typer.Option(None, help="lape: keep this lowest quantile of entropies instead."),
+    rule: str = opt(ContrastConfig, "rule"),
+    threshold: Optional[float] = opt(ContrastConfig, "threshold"),
+    top_n: Optional[int] = opt(ContrastConfig, "top_n"),
+    min_target_freq: Optional[float] = opt(ContrastConfig, "min_target_freq"),
+    ref_agg: str = opt(ContrastConfig, "ref_agg"),
+    ref_min_freq: Optional[float] = opt(ContrastConfig, "ref_min_freq"),
+    ref_mode: str = opt(ContrastConfig, "ref_mode"),
+    smoothing: float = opt(ContrastConfig, "smoothing"),
+    norm: str = opt(ContrastConfig, "norm"),
+    max_entropy: float = opt(ContrastConfig, "max_entropy"),
+    entropy_quantile: Optional[float] = opt(ContrastConfig, "entropy_quantile"),
     split_seeds: int = typer.Option(5, help="Random 2-splits for split agreement (0 = skip)."),
     ref_n: Optional[int] = typer.Option(None, help="Samples per reference dataset spec (default: as the target)."),
     ref_seed: Optional[int] = typer.Option(None, help="Data seed of reference dataset specs (default: the target's)."),
@@ -43,14 +49,11 @@ def contrast(
     out: Optional[Path] = typer.Option(None, help="Output directory (default RUN/contrast-<rule>)."),
 ):
     """Contrastive localization: neurons common on the target capability but not on reference capabilities."""
-    from ..contrastive import ContrastConfig, add_erase_specificity, is_run_dir
-    from ..contrastive import contrast as run_contrast
-    from ..data import load_dataset
-    from ..results import read_json
-
     cfg = ContrastConfig(rule=rule, threshold=threshold, top_n=top_n, min_target_freq=min_target_freq, ref_agg=ref_agg,
                          ref_min_freq=ref_min_freq, ref_mode=ref_mode, smoothing=smoothing, norm=norm,
                          max_entropy=max_entropy, entropy_quantile=entropy_quantile)
+    if out is not None:
+        check_out_dir(out)
     refs = _split(reference) or None
     lm = None
     needs_model = eval_data is not None or refs is None or any(not is_run_dir(r) for r in refs)
@@ -58,13 +61,9 @@ def contrast(
     if needs_model:
         lm = load_model_from_opts(model or meta.get("model_id") or "smollm2-135m", dtype, device, None, None)
     if refs is not None and lm is not None and any(not is_run_dir(r) for r in refs):
-        from ..contrastive import resolve_references
-
         refs = list(resolve_references(run, refs, lm=lm, n=ref_n, seed=ref_seed).values())
     res = run_contrast(run, refs, cfg, out, lm=lm, split_seeds=split_seeds)
     print_neuron_summary(res.neurons, f"{meta.get('dataset')} — {cfg.rule} vs {', '.join(res.references)}")
-    from rich.table import Table
-
     t = Table("set", "neurons", "split IoU", "chance IoU", "common on ≥1 ref", "common on all refs", box=None)
     for r in res.table:
         iou = "—" if r["split_iou"] is None else f"{r['split_iou']:.3f} ± {r['split_iou_sd']:.3f}"
@@ -95,22 +94,19 @@ def generic(
     n: int = typer.Option(16, "--n", "--n-samples", help="Samples per --data dataset."),
     seed: int = typer.Option(0, help="Data seed of --data datasets."),
     model: Optional[str] = typer.Option(None, help="Model (default: the first run's, else smollm2-135m)."),
-    massive_ratio: float = typer.Option(100.0, help="Peak |a| / the layer's typical peak, on every dataset."),
-    massive_top: int = typer.Option(10, help="And among the model's this many largest peaks."),
-    common_freq: float = typer.Option(0.5, help="Selection frequency on every run."),
-    erase: bool = typer.Option(False, help="Also erase candidates one at a time on every --data dataset."),
-    erase_min_delta: float = typer.Option(0.05, help="Erase criterion: ΔNLL (nats/token) on every dataset."),
-    criteria: str = typer.Option("massive,common_all", help="Flags that make a neuron generic: massive, common_all, erase_all."),
-    chat: bool = typer.Option(False, help="Wrap --data prompts in the chat template."),
-    batch_size: int = typer.Option(4),
+    massive_ratio: float = opt(GenericConfig, "massive_ratio"),
+    massive_top: int = opt(GenericConfig, "massive_top"),
+    common_freq: float = opt(GenericConfig, "common_freq"),
+    erase: bool = opt(GenericConfig, "erase"),
+    erase_min_delta: float = opt(GenericConfig, "erase_min_delta"),
+    criteria: str = opt(GenericConfig, "criteria"),
+    chat: bool = opt(GenericConfig, "chat", help="Wrap --data prompts in the chat template."),
+    batch_size: int = opt(GenericConfig, "batch_size"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | auto | an accelerator"),
     out: Path = typer.Option(Path("runs/generic"), help="Output directory."),
 ):
     """Flag generic neurons: massive activations on every dataset, common on every run, (optionally) erase effects."""
-    from ..data import load_dataset
-    from ..generic import GenericConfig, find_generic
-    from ..results import read_json
-
+    check_out_dir(out)
     run_list = _split(runs)
     specs = _split(data)
     cfg = GenericConfig(massive_ratio=massive_ratio, massive_top=massive_top, common_freq=common_freq, erase=erase,
@@ -130,7 +126,6 @@ def generic(
             datasets[ds.name] = ds
     rep = find_generic(lm, datasets, run_dirs, cfg)
     rep.save(out)
-    from rich.table import Table
 
     t = Table("layer", "index", "generic", "flags", "peak", "peak/typical", *[f"freq {k}" for k in rep.runs], box=None)
     for r in rep.rows[:40]:

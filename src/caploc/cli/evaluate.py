@@ -6,14 +6,19 @@ from typing import List, Optional
 
 import typer
 
+from ..errors import CaplocError
+from ..measure import METRICS
+from ..neurons import gain_for
+from ..results import NeuronSet, check_out_dir
+from ..runs import eval_sets
+from ..stages.evaluate import EvalConfig, run_eval
 from .app import app, console, load_model_from_opts
+from .options import opt, split_list
 
 
 def load_neurons_and_model(neurons: Optional[Path], model: Optional[str], dtype: str, device: str,
                            device_map: Optional[str], layout: Optional[str]):
     """(NeuronSet or None, LoadedModel); the model defaults to the one the neurons were localized on."""
-    from ..results import NeuronSet
-
     ns = NeuronSet.load(neurons) if neurons is not None else None
     name = model or (ns.meta.get("model_id") if ns is not None else None) or "smollm2-135m"
     lm = load_model_from_opts(name, dtype, device, device_map, layout)
@@ -27,10 +32,7 @@ def load_neurons_and_model(neurons: Optional[Path], model: Optional[str], dtype:
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
-    from ..errors import CaplocError
-    from ..evaluate import METRICS
-
-    ms = tuple(m.strip() for m in text.split(",") if m.strip())
+    ms = tuple(split_list(text))
     if not ms or any(m not in METRICS for m in ms):
         raise CaplocError(f"cannot parse --metrics {text!r}; use nll, accuracy or nll,accuracy")
     return ms
@@ -45,13 +47,14 @@ def eval_cmd(
     seed: int = typer.Option(1, help="Data seed (use one other than the localization seed)."),
     target: str = typer.Option("cot", help="gsm_symbolic target: cot or answer."),
     neurons: Optional[Path] = typer.Option(None, help="A locate run directory (neurons.json) to intervene on."),
-    mode: str = typer.Option("erase", help="erase | enhance (with --neurons)."),
-    k: float = typer.Option(2.0, help="Enhancement gain."),
-    metrics: str = typer.Option("nll", help="nll, accuracy or nll,accuracy."),
+    mode: str = opt(EvalConfig, "mode"),
+    k: float = opt(EvalConfig, "k"),
+    metrics: str = opt(EvalConfig, "metrics"),
     heldout: bool = typer.Option(True, help="With --neurons: split the first dataset into held-out samples and held-out templates relative to the localization data."),
-    chat: bool = typer.Option(False, help="Wrap prompts in the chat template."),
-    batch_size: int = typer.Option(8), max_length: Optional[int] = typer.Option(None),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Generation length for accuracy (default: longest target + 8)."),
+    chat: bool = opt(EvalConfig, "chat"),
+    batch_size: int = opt(EvalConfig, "batch_size"),
+    max_length: Optional[int] = opt(EvalConfig, "max_length"),
+    max_new_tokens: Optional[int] = opt(EvalConfig, "max_new_tokens"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
     device_map: Optional[str] = typer.Option(None), layout: Optional[str] = typer.Option(None),
     out: Path = typer.Option(Path("runs/eval"), help="Output directory."),
@@ -59,16 +62,14 @@ def eval_cmd(
     """Evaluate NLL/token and accuracy in-domain (held-out samples and templates) and cross-dataset."""
     from rich.table import Table
 
-    from ..evaluate import build_datasets, run_eval
-    from ..intervene import gain_for
-
-    ms = parse_metrics(metrics)
-    gain_for(mode, k)  # validate before loading anything
+    cfg = EvalConfig(metrics=parse_metrics(metrics), mode=mode, k=k, chat=chat, batch_size=batch_size,
+                     max_length=max_length, max_new_tokens=max_new_tokens)
+    gain_for(cfg.mode, cfg.k)  # validate before loading anything
+    check_out_dir(out)
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
-    entries = build_datasets(data, n=n, seed=seed, neuron_meta=ns.meta if ns is not None else None,
-                             heldout=heldout, target=target, n_off=n_off)
-    run = run_eval(lm, {lab: ds for lab, ds, _ in entries}, neurons=ns, mode=mode, k=k, metrics=ms, out_dir=out,
-                   chat=chat, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+    entries = eval_sets(data, n=n, seed=seed, neuron_meta=ns.meta if ns is not None else None, heldout=heldout,
+                        target=target, n_off=n_off)
+    run = run_eval(lm, {lab: ds for lab, ds, _ in entries}, neurons=ns, out_dir=out, cfg=cfg,
                    meta={"neurons": str(neurons) if neurons else None, "data_seed": seed,
                          "roles": {lab: role for lab, _, role in entries}})
     t = Table("dataset", "condition", "n", "NLL/tok", "ΔNLL/tok", "acc", "Δacc", box=None)

@@ -6,13 +6,18 @@ from typing import List, Optional
 
 import typer
 
+from ..errors import CaplocError
+from ..export import export_enhanced
+from ..neurons import gain_for
+from ..results import check_out_dir
+from ..runs import default_off_target, eval_sets, spec_of
+from ..stages.intervene import InterveneConfig, run_intervention
 from .app import app, console
 from .evaluate import load_neurons_and_model, parse_metrics
+from .options import opt
 
 
 def _parse_ks(text: Optional[str]) -> Optional[list[float]]:
-    from ..errors import CaplocError
-
     if not text:
         return None
     try:
@@ -25,38 +30,43 @@ def _parse_ks(text: Optional[str]) -> Optional[list[float]]:
 def intervene(
     neurons: Path = typer.Option(..., help="A locate run directory (neurons.json)."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="On-target dataset first, then off-target ones (default: the localization dataset + facts and rg:letter_counting)."),
-    mode: str = typer.Option("erase", help="erase | enhance: the headline intervention."),
+    mode: str = typer.Option("erase", help="erase | enhance: the headline intervention (its gain is primary_k)."),
     k: float = typer.Option(2.0, help="Enhancement gain (mode enhance)."),
-    ks: Optional[str] = typer.Option(None, help="Dose-response gains, e.g. 0,0.5,1,1.5,2,3 (0 = erase)."),
-    n_random: int = typer.Option(10, help="Random layer-matched control sets."),
-    seed: int = typer.Option(0, help="Random sets use seeds seed..seed+n_random-1."),
-    act_matched: bool = typer.Option(True, help="Also run the activation-matched control."),
-    act_samples: int = typer.Option(8, help="Samples for the mean |activation| of the matched control."),
+    ks: Optional[str] = typer.Option(None, help="Dose-response gains, e.g. 0,0.5,1,1.5,2,3 (0 = erase; default: the "
+                                     "headline gain only)."),
+    n_random: int = opt(InterveneConfig, "n_random"),
+    min_controls: int = opt(InterveneConfig, "min_controls"),
+    seed: int = opt(InterveneConfig, "seed"),
+    act_matched: bool = opt(InterveneConfig, "act_matched"),
+    act_samples: int = opt(InterveneConfig, "act_samples"),
+    spec_margin: float = opt(InterveneConfig, "spec_margin"),
+    spec_max_off_share: float = opt(InterveneConfig, "spec_max_off_share"),
     n: int = typer.Option(32, "--n", "--n-samples", help="Samples per dataset (per held-out part)."),
     n_off: Optional[int] = typer.Option(None, help="Samples per off-target / cross-dataset dataset (default: --n)."),
     data_seed: int = typer.Option(1, help="Seed of the evaluation samples."),
     heldout: bool = typer.Option(True, help="Split the on-target data into held-out samples and held-out templates."),
     target: str = typer.Option("cot", help="gsm_symbolic target: cot or answer."),
-    metrics: str = typer.Option("nll", help="nll, accuracy or nll,accuracy (accuracy generates: slow)."),
-    chat: bool = typer.Option(False), batch_size: int = typer.Option(8), max_length: Optional[int] = typer.Option(None),
-    max_new_tokens: Optional[int] = typer.Option(None),
-    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the CI."),
+    metrics: str = opt(InterveneConfig, "metrics"),
+    chat: bool = opt(InterveneConfig, "chat"),
+    batch_size: int = opt(InterveneConfig, "batch_size"),
+    max_length: Optional[int] = opt(InterveneConfig, "max_length"),
+    max_new_tokens: Optional[int] = opt(InterveneConfig, "max_new_tokens"),
+    n_boot: int = opt(InterveneConfig, "n_boot"),
     model: Optional[str] = typer.Option(None, help="Model (default: the one the neurons were localized on)."),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
     device_map: Optional[str] = typer.Option(None), layout: Optional[str] = typer.Option(None),
     out: Path = typer.Option(Path("runs/intervene"), help="Output directory."),
 ):
     """Erase/enhance a neuron set vs random same-layer-size sets, an activation-matched set and the untouched model."""
-    from ..evaluate import build_datasets, default_off_target, spec_of
-    from ..intervene import InterveneConfig, gain_for, run_intervention
-
     primary = gain_for(mode, k)
     gains = _parse_ks(ks) or [primary]
     if primary not in gains:
         gains = [primary] + gains
-    cfg = InterveneConfig(ks=tuple(gains), primary_k=primary, n_random=n_random, seed=seed, act_matched=act_matched,
-                          act_samples=act_samples, metrics=parse_metrics(metrics), chat=chat, batch_size=batch_size,
-                          max_length=max_length, max_new_tokens=max_new_tokens, n_boot=n_boot)
+    cfg = InterveneConfig(ks=tuple(gains), primary_k=primary, n_random=n_random, min_controls=min_controls, seed=seed,
+                          act_matched=act_matched, act_samples=act_samples, spec_margin=spec_margin,
+                          spec_max_off_share=spec_max_off_share, metrics=parse_metrics(metrics), chat=chat,
+                          batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, n_boot=n_boot)
+    check_out_dir(out)
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
     specs = list(data or [])
     if not specs:
@@ -65,7 +75,7 @@ def intervene(
     if len(specs) == 1:
         specs += default_off_target(specs[0])
         console.print(f"off-target datasets: {', '.join(specs[1:])}")
-    entries = build_datasets(specs, n=n, seed=data_seed, neuron_meta=ns.meta, heldout=heldout, target=target, n_off=n_off)
+    entries = eval_sets(specs, n=n, seed=data_seed, neuron_meta=ns.meta, heldout=heldout, target=target, n_off=n_off)
     res = run_intervention(lm, ns, entries, cfg, out_dir=out)
     console.print(f"{'dataset':32s} {'k':>4s} {'condition':11s} {'NLL/tok':>8s} {'ΔNLL/tok':>9s} {'95% CI':>19s} "
                   f"{'random mean±sd':>16s} {'z':>7s} {'pct':>5s}", highlight=False)
@@ -74,7 +84,8 @@ def intervene(
                       f"[{r['ci_lo']:+.4f},{r['ci_hi']:+.4f}] {r['random_mean']:+.4f}±{r['random_sd']:.4f} "
                       f"{r['z']:7.2f} {r['percentile']:5.2f}", highlight=False, soft_wrap=True)
     for name, c in res.claims().items():
-        console.print(f"{name}: value={c['value']:.4g} holds={c['holds']}")
+        value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
+        console.print(f"{name}: value={value} " + (f"verdict={c['verdict']}" if "verdict" in c else ""))
     console.print(f"wrote {out}/intervene.json, intervene.safetensors, report.json, figures")
 
 
@@ -91,8 +102,6 @@ def export_enhanced_cmd(
     device_map: Optional[str] = typer.Option(None), layout: Optional[str] = typer.Option(None),
 ):
     """Save a copy of the model with the gain folded in (plain transformers loads it), plus gain vectors and IA3."""
-    from ..export import export_enhanced
-
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
     s = export_enhanced(lm, ns, k, out, peft=peft, verify=verify, overwrite=overwrite)
     console.print(f"exported {s['n_neurons']} neurons x{k:g} in layers {s['layers']} to {out}")

@@ -71,7 +71,7 @@ def locate(
     if res is None:
         return
     if contrast != "none" or exclude_generic:
-        from ..contrastive import apply_specificity
+        from ..stages.contrast import apply_specificity
 
         n_plain = len(res.neurons)
         refs = [r.strip() for r in reference.split(",") if r.strip()] if reference else None

@@ -25,17 +25,26 @@ once, whatever its target length).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import CaplocError, IncompatibleResultError
-from .results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
+from .. import __version__, stats
+from ..config import check, setting
+from ..data import collate, encode_dataset, pad_id
+from ..errors import CaplocError, IncompatibleResultError
+from ..hooks import capture, erase_neurons
+from ..measure import nll_sums
+from ..neurons import pairs_of
+from ..progress import bar as progress_bar
+from ..report import generic as report_generic
+from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +53,26 @@ CRITERIA = ("massive", "common_all", "erase_all")
 
 @dataclass
 class GenericConfig:
-    massive_ratio: float = 100.0  # peak / layer's typical peak, on every dataset
-    massive_top: int = 10  # and among the model's largest peaks
-    common_freq: float = 0.5  # selection frequency on every run
-    erase: bool = False  # also measure single-neuron erase effects of candidates
-    erase_min_delta: float = 0.05  # nats/token on every dataset
-    erase_candidates: int = 20  # extra candidates by minimum frequency over runs
-    criteria: tuple[str, ...] = ("massive", "common_all")  # flags that make a neuron generic (any of them)
-    batch_size: int = 4
-    chat: bool = False
+    """Settings of ``caploc generic`` (see the module docstring for the criteria)."""
+
+    massive_ratio: float = setting(100.0, help="Peak |a| / the layer's typical peak, on every dataset.", min=0.0,
+                                   min_exclusive=True)
+    massive_top: int = setting(10, help="And among the model's this many largest peaks.", min=1)
+    common_freq: float = setting(0.5, help="Selection frequency on every run.", min=0.0, max=1.0, min_exclusive=True)
+    erase: bool = setting(False, help="Also erase candidates one at a time on every dataset.")
+    erase_min_delta: float = setting(0.05, help="Erase criterion: ΔNLL (nats/token) on every dataset.")
+    erase_candidates: int = setting(20, help="Extra erase candidates: the neurons with the highest minimum frequency "
+                                    "over runs.", min=0)
+    criteria: tuple = setting(("massive", "common_all"), help="Flags that make a neuron generic (any of them): "
+                              "massive, common_all, erase_all.", item=str)
+    batch_size: int = setting(4, help="Samples per forward pass.", min=1)
+    chat: bool = setting(False, help="Wrap prompts in the chat template.")
 
     def __post_init__(self):
         self.criteria = tuple(self.criteria)
         bad = [c for c in self.criteria if c not in CRITERIA]
+        if not bad and self.criteria:
+            check(self)
         if bad or not self.criteria:
             raise CaplocError(f"unknown generic criteria {bad or '(none)'}; choose from {', '.join(CRITERIA)}")
         if self.massive_ratio <= 0 or self.massive_top < 1:
@@ -77,20 +93,11 @@ class GenericConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 # model passes
 # ---------------------------------------------------------------------------------------------------------------------
-def _batches(encoded, batch_size: int, pad_id: int):
+def _batches(encoded, batch_size: int, pad: int):
     for b in range(0, len(encoded), batch_size):
         chunk = encoded[b: b + batch_size]
-        T = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), T), int(pad_id), dtype=torch.long)
-        att = torch.zeros(len(chunk), T, dtype=torch.long)
-        for k, e in enumerate(chunk):
-            ids[k, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            att[k, : len(e.input_ids)] = 1
+        ids, att = collate([e.input_ids for e in chunk], pad)
         yield chunk, ids, att
-
-
-def _pad_id(lm) -> int:
-    return int(getattr(lm.model.config, "pad_token_id", None) or getattr(lm.tokenizer, "pad_token_id", None) or 0)
 
 
 @torch.no_grad()
@@ -100,10 +107,6 @@ def activation_stats(lm, encoded, batch_size: int = 4, progress: bool | None = N
     Returns ``max_abs [L, d]``, ``mean_abs [L, d]`` (token-weighted), ``first_token_share [L, d]`` (share of samples
     whose peak is at position 0), ``typical_peak [L]`` (median over neurons of max_abs) and ``n_tokens``.
     """
-    from tqdm.auto import tqdm
-
-    from .hooks import capture
-
     site = lm.site
     L, d = site.n_layers, site.d_mlp
     mx = torch.zeros(L, d, dtype=torch.float64)
@@ -111,17 +114,19 @@ def activation_stats(lm, encoded, batch_size: int = 4, progress: bool | None = N
     first = torch.zeros(L, d, dtype=torch.float64)
     ntok = 0
     dev = site.input_device()
-    for chunk, ids, att in tqdm(list(_batches(encoded, batch_size, _pad_id(lm))), desc="activations", leave=False,
-                                disable=progress is False if progress is not None else None):
-        with capture(site) as st:
-            lm.model(input_ids=ids.to(dev), attention_mask=att.to(dev))
-        m = att.bool()
-        ntok += int(m.sum())
-        for l in range(L):
-            a = st[l].abs().double().cpu() * m[..., None]  # [B, T, d], padding zeroed
-            mx[l] = torch.maximum(mx[l], a.amax((0, 1)))
-            sm[l] += a.sum((0, 1))
-            first[l] += (a.argmax(1) == 0).double().sum(0)
+    batches = list(_batches(encoded, batch_size, pad_id(lm.tokenizer, lm.model.config)))
+    with progress_bar(len(batches), "activations", "batch", progress) as pbar:
+        for _chunk, ids, att in batches:
+            with capture(site) as st:
+                lm.model(input_ids=ids.to(dev), attention_mask=att.to(dev))
+            m = att.bool()
+            ntok += int(m.sum())
+            for l in range(L):
+                a = st[l].abs().double().cpu() * m[..., None]  # [B, T, d], padding zeroed
+                mx[l] = torch.maximum(mx[l], a.amax((0, 1)))
+                sm[l] += a.sum((0, 1))
+                first[l] += (a.argmax(1) == 0).double().sum(0)
+            pbar.update(1)
     return {"max_abs": mx, "mean_abs": sm / max(ntok, 1), "first_token_share": first / max(len(encoded), 1),
             "typical_peak": mx.median(1).values, "n_tokens": torch.tensor(ntok)}
 
@@ -129,11 +134,6 @@ def activation_stats(lm, encoded, batch_size: int = 4, progress: bool | None = N
 @torch.no_grad()
 def sample_nll(lm, encoded, neurons=None, batch_size: int = 4) -> torch.Tensor:
     """Per-sample mean NLL (nats/token) of the target tokens, teacher-forced; ``neurons`` (pairs) erased if given."""
-    import contextlib
-
-    from .evaluate import nll_sums
-    from .hooks import erase_neurons
-
     ctx = erase_neurons(lm.site, neurons) if neurons is not None and len(neurons) else contextlib.nullcontext()
     with ctx:
         sums, counts = nll_sums(lm, encoded, batch_size=batch_size, progress=False)
@@ -142,12 +142,6 @@ def sample_nll(lm, encoded, neurons=None, batch_size: int = 4) -> torch.Tensor:
 
 def mean_nll(lm, encoded, neurons=None, batch_size: int = 4) -> float:
     return float(sample_nll(lm, encoded, neurons, batch_size).mean())
-
-
-def _as_pairs(s) -> np.ndarray:
-    if isinstance(s, NeuronSet):
-        return s.pairs
-    return np.asarray(s, dtype=np.int64).reshape(-1, 2)
 
 
 def erase_specificity(lm, sets: dict, data: dict, target: str | None = None, n_random: int = 5, seed: int = 0,
@@ -160,16 +154,11 @@ def erase_specificity(lm, sets: dict, data: dict, target: str | None = None, n_r
     outside the set), ``excess = delta - random mean`` and ``z = excess / random sd``. Per set: ``specificity`` =
     excess on the target minus the largest excess off target (> 0: the set hurts the target more than any other
     capability, beyond what random neurons do), and ``si = (z_on - z_off) / (|z_on| + |z_off|)`` with the largest
-    off-target z (the specificity index of :mod:`caploc.intervene`, in [-1, 1]; it ignores significance, so read it
+    off-target z (the specificity index of :mod:`caploc.stages.intervene`, in [-1, 1]; it ignores significance, so read it
     next to the z-scores). Caveat: ``specificity`` is a difference in nats, so a set that adds a generic neuron to a
     specific one can score higher than the specific neuron alone (it hurts the target more AND the others); compare
     sets by ``si`` and by their off-target excess as well.
     """
-    from tqdm.auto import tqdm
-
-    from . import stats
-    from .data import encode_dataset
-
     site = lm.site
     L, d = site.n_layers, site.d_mlp
     enc = {k: (v if isinstance(v, list) else encode_dataset(lm.tokenizer, v, chat=chat)) for k, v in data.items()}
@@ -179,9 +168,8 @@ def erase_specificity(lm, sets: dict, data: dict, target: str | None = None, n_r
     rng = np.random.default_rng(seed)
     res: dict = {"clean": {k: float(v.mean()) for k, v in clean.items()}, "sets": {}, "n_random": int(n_random),
                  "target": target, "n_samples": {k: len(e) for k, e in enc.items()}}
-    work = [(name, _as_pairs(s)) for name, s in sets.items()]
-    bar = tqdm(total=len(work) * (1 + n_random), desc="erase", leave=False,
-               disable=progress is False if progress is not None else None)
+    work = [(name, pairs_of(s)) for name, s in sets.items()]
+    bar = progress_bar(len(work) * (1 + n_random), "erase", "set", progress)
     for name, pairs in work:
         flat = pairs[:, 0] * d + pairs[:, 1]
         sizes = np.bincount(pairs[:, 0], minlength=L) if len(pairs) else np.zeros(L, int)
@@ -255,11 +243,14 @@ def common_everywhere(freqs: np.ndarray, min_freq: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# report
+# result
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class GenericReport:
-    """Flagged neurons with their evidence. ``rows``: one dict per flagged (or erase-tested) neuron."""
+    """Flagged neurons with their evidence. ``rows``: one dict per flagged (or erase-tested) neuron; ``meta`` (the
+    provenance: model id and fingerprint, random single-neuron erase effects for scale)."""
+
+    kind: ClassVar[str] = "generic"
 
     n_layers: int
     d_mlp: int
@@ -271,6 +262,10 @@ class GenericReport:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
+    def provenance(self) -> dict:
+        return self.meta
+
+    @property
     def generic_pairs(self) -> np.ndarray:
         p = [(r["layer"], r["index"]) for r in self.rows if r.get("generic")]
         return np.asarray(p, dtype=np.int64).reshape(-1, 2)
@@ -279,7 +274,9 @@ class GenericReport:
         return NeuronSet(self.generic_pairs, self.n_layers, self.d_mlp,
                          meta={**self.meta, "kind_detail": "generic neurons", "criteria": self.config.get("criteria")})
 
-    def save(self, out_dir: Path | str) -> Path:
+    def save(self, out_dir: Path | str, *, report: bool = True) -> Path:
+        """``generic.safetensors`` (activation / frequency tables), ``generic.json``, the generic neurons as
+        ``neurons.{json,safetensors}`` and, with ``report``, ``report.json`` (last)."""
         out_dir = Path(out_dir)
         if self.tensors:
             atomic_save_tensors(out_dir / "generic.safetensors", {k: v.contiguous() for k, v in self.tensors.items()})
@@ -287,7 +284,8 @@ class GenericReport:
             "kind": "generic_report", "caploc_version": __version__, "n_layers": self.n_layers, "d_mlp": self.d_mlp,
             "datasets": self.datasets, "runs": self.runs, "config": self.config, "meta": self.meta, "rows": self.rows})
         self.neuron_set().save(out_dir)
-        atomic_write_json(out_dir / "report.json", self.report())
+        if report:
+            atomic_write_json(out_dir / "report.json", self.to_report(out_dir))
         return out_dir
 
     @classmethod
@@ -299,41 +297,9 @@ class GenericReport:
         return cls(int(j["n_layers"]), int(j["d_mlp"]), j.get("rows", []), j.get("datasets", []), j.get("runs", []),
                    j.get("config", {}), j.get("meta", {}))
 
-    def report(self) -> dict:
-        cols = ["layer", "index", "generic", "flags", "peak |a| (min over datasets)", "peak / layer typical peak",
-                "peak at token 0 (share)"] + [f"freq {k}" for k in self.runs]
-        erase_cols = sorted({k for r in self.rows for k in (r.get("erase_delta") or {})})
-        cols += [f"erase ΔNLL {k}" for k in erase_cols]
-        rows = []
-        for r in self.rows:
-            rows.append([r["layer"], r["index"], r.get("generic", False), ",".join(r.get("flags", [])),
-                         _r(r.get("peak")), _r(r.get("peak_ratio"), 1), _r(r.get("first_token_share"), 2)]
-                        + [_r((r.get("freq") or {}).get(k)) for k in self.runs]
-                        + [_r((r.get("erase_delta") or {}).get(k), 4) for k in erase_cols])
-        n_gen = int(sum(bool(r.get("generic")) for r in self.rows))
-        text = [f"{n_gen} generic neuron(s) flagged by {' or '.join(self.config.get('criteria', []))} "
-                f"(activation datasets: {', '.join(self.datasets) or 'none'}; frequency runs: {', '.join(self.runs) or 'none'}).",
-                "massive: peak |a| >= {massive_ratio}x the layer's typical peak on every dataset and among the model's "
-                "{massive_top} largest peaks; common_all: selection frequency >= {common_freq} on every run; erase_all: "
-                "single-neuron erase raises NLL by >= {erase_min_delta} nats/token on every dataset.".format(**{
-                    k: self.config.get(k) for k in ("massive_ratio", "massive_top", "common_freq", "erase_min_delta")})]
-        if self.meta.get("random_single_erase"):
-            text.append("Single random neurons (for scale), erase ΔNLL: " + "; ".join(
-                f"{k}: mean {v['mean']:.4f} (max {v['max']:.4f}, {v['n']} neurons)" for k, v in self.meta["random_single_erase"].items()))
-        return {"kind": "generic", "title": "Generic-neuron diagnostics", "text": text,
-                "tables": [{"title": "Flagged neurons", "columns": cols, "rows": rows,
-                            "note": "freq: selection frequency in each run (its own per-sample rule)."}],
-                "figures": [], "claims": {"n_generic": {"value": n_gen}}}
-
-
-def _r(v, nd=3):
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return v
-    return round(f, nd) if math.isfinite(f) else None
+    def to_report(self, out_dir: Path | str | None = None) -> dict:
+        """The ``report.json`` dict (:func:`caploc.report.generic.generic_report`); no figures."""
+        return report_generic.generic_report(self)
 
 
 def _run_freqs(runs: dict[str, Path]) -> tuple[np.ndarray, int, int]:
@@ -357,8 +323,6 @@ def find_generic(lm=None, datasets: dict | None = None, runs: dict | None = None
     run dir} for selection frequencies. At least one of them. With ``cfg.erase`` (needs ``lm`` and ``datasets``),
     candidates are erased one at a time on every dataset.
     """
-    from .data import encode_dataset
-
     cfg = cfg or GenericConfig()
     datasets = dict(datasets or {})
     runs = {k: Path(v) for k, v in (runs or {}).items()}
@@ -459,3 +423,7 @@ def exclude_generic(ns: NeuronSet, generic: GenericReport | NeuronSet | np.ndarr
                      frequency=ns.frequency[keep] if ns.frequency is not None else None,
                      mean_score=ns.mean_score[keep] if ns.mean_score is not None else None,
                      counts=ns.counts, n_samples=ns.n_samples, meta=meta)
+
+
+__all__ = ["CRITERIA", "GenericConfig", "GenericReport", "activation_stats", "sample_nll", "mean_nll",
+           "erase_specificity", "massive_flags", "common_everywhere", "find_generic", "exclude_generic"]
