@@ -10,10 +10,10 @@ import torch
 from caploc.answers import answer_kind, is_correct, normalize_number, parse_answer
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
+from caploc.evalsets import heldout_splits
 from caploc.hooks import count_hooks, erase_neurons, scale_neurons
 from caploc.measure import EvalResult, accuracy, evaluate, generate, nll
 from caploc.models.loading import load_model
-from caploc.runs import heldout_splits
 from caploc.stages.evaluate import EvalRun, run_eval
 
 

@@ -12,7 +12,7 @@ import torch
 
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
-from caploc.evaluate import nll
+from caploc.measure import nll
 from caploc.models.loading import load_model
 from caploc.results import NeuronSet
 from caploc.stages.finetune import FinetuneConfig, NeuronAdapter, finetune, train_adapter, validation_split

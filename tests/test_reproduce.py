@@ -72,8 +72,15 @@ domains = ["facts"]  # gsm chains of thought exceed the tiny model's 256 positio
 @pytest.mark.parametrize("text,msg", [
     ("[study]\nmodle = 'x'\n", "unknown key 'modle' in [study]"),
     ("[locat]\nn = 3\n", "unknown section [locat]"),
-    ("[locate]\nn = 'ten'\n", "[locate] n = 'ten'"),
-    ("[locate]\nmethod = 'shap'\n", "unknown attribution method"),
+    ("[locate]\nn = 'ten'\n", "[locate] n"),
+    ("[locate]\nmethod = 'shap'\n", "'shap'"),
+    ("[locate]\nsigma = -1\n", "[locate] sigma"),
+    ("[locate]\nalphas = 'random'\n", "'random'"),
+    ("[finetune]\nlr = nan\n", "[finetune] lr"),
+    ("[intervene]\nn_random = 'ten'\n", "[intervene] n_random"),
+    ("[audit]\nkn_steps = 0\n", "[audit.kn] steps"),
+    ("[audit]\nkn_stepz = 2\n", "unknown key 'kn_stepz' in [audit]"),
+    ("[decouple]\nn_groups = 50\ngroup_size = 20\n", "pool_size"),
     ("[stability]\nk = 1\n", "[stability] k must be >= 2"),
     ("[locate\n", "not valid TOML"),
 ])
@@ -83,6 +90,19 @@ def test_config_errors_are_one_line(tmp_path, text, msg):
     with pytest.raises(CaplocError) as e:
         load_study(p)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_toml_sets_every_attribution_setting_and_stage_configs_are_typed(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text("[study]\nseed = 7\n[locate]\nmethod = 'ig'\nsteps = 4\nalphas = 'midpoint'\n"
+                 "objective = 'prob'\nlayers = [0, 1]\n[audit]\nkn_steps = 3\n[audit.tracing]\nn_noise = 2\n"
+                 "[intervene]\nseed = 3\n")
+    st = load_study(p)
+    att = st.configs["locate"].attribution
+    assert (att.method, att.steps, att.alphas, att.objective, list(att.layers)) == ("ig", 4, "midpoint", "prob", [0, 1])
+    assert st.configs["audit"].kn.steps == 3 and st.configs["audit"].tracing.n_noise == 2
+    assert st.configs["audit"].seed == 7 and st.configs["intervene"].seed == 3  # study seed unless the section sets one
+    assert st.configs["sweep"].split.seeds == list(st.configs["stability"].seeds)[:3]
 
 
 def test_builtin_configs_validate():
@@ -123,10 +143,12 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
 
 
 def test_claim_cells_are_readable_and_finetune_verdict_uses_beats():
-    from caploc.reproduce import _holds, _ours
+    from caploc.report.claims import _holds, _ours, _verdict
 
     ft = {"value": -0.0581, "null_mean": -0.0051, "null_sd": 0.001, "z": -52.7, "p": 0.33, "n_null": 2, "beats": True}
     assert _holds(ft) and not _holds({**ft, "beats": False}) and _holds({"value": True})
     line = _ours(ft)
     assert line.startswith("-0.0581; random -0.0051 ± 0.001 (n = 2); z -52.7") and "{" not in line
     assert _ours({"value": 0.3, "ci": [0.1, 0.5]}) == "0.3 [0.1, 0.5]"
+    assert _verdict({"value": 0.2, "holds": None, "verdict": "insufficient controls"}) == "insufficient controls"
+    assert _verdict({"value": 0.2, "holds": False, "verdict": "does not hold"}) == "differs"

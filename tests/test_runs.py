@@ -10,7 +10,8 @@ import pytest
 from caploc.config import check, default_of, from_mapping, help_of, setting, to_mapping
 from caploc.data import collate, load_dataset, pad_id
 from caploc.errors import CaplocError
-from caploc.runs import DataInfo, Provenance, eval_sets, rebuild_dataset, settings_diff, spec_of, try_rebuild_dataset
+from caploc.evalsets import eval_sets
+from caploc.runs import DataInfo, Provenance, rebuild_dataset, settings_diff, spec_of, try_rebuild_dataset
 
 
 def test_rebuild_keeps_every_field():

@@ -1,23 +1,30 @@
 """The ``caploc`` command line: a thin layer over one library function per verb.
 
 Only the CLI prints; the library logs. Errors caused by the user's input are shown as one line (no traceback).
+Each verb lives in its own module and registers itself on ``app`` when imported here.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
-from .app import app
+from . import (  # noqa: F401  (imported for their commands)
+    audit,
+    contrast,
+    decouple,
+    evaluate,
+    finetune,
+    intervene,
+    locate,
+    report,
+    reproduce,
+    stability,
+)
+from .app import app, run
 
-# each verb lives in its own module and registers itself on ``app``
-_VERB_MODULES = ["locate", "stability", "finetune", "report", "contrast", "audit", "evaluate", "intervene", "decouple", "reproduce"]
-for _m in _VERB_MODULES:
-    importlib.import_module(f"{__name__}.{_m}")
+__all__ = ["app", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .app import run
-
     return run(argv if argv is not None else sys.argv[1:])
 
 

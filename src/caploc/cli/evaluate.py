@@ -7,10 +7,10 @@ from typing import List, Optional
 import typer
 
 from ..errors import CaplocError
+from ..evalsets import eval_sets
 from ..measure import METRICS
 from ..neurons import gain_for
 from ..results import NeuronSet, check_out_dir
-from ..runs import eval_sets
 from ..stages.evaluate import EvalConfig, run_eval
 from .app import app, console, load_model_from_opts
 from .options import opt, split_list

@@ -7,10 +7,11 @@ from typing import List, Optional
 import typer
 
 from ..errors import CaplocError
+from ..evalsets import default_off_target, eval_sets
 from ..export import export_enhanced
 from ..neurons import gain_for
 from ..results import check_out_dir
-from ..runs import default_off_target, eval_sets, spec_of
+from ..runs import spec_of
 from ..stages.intervene import InterveneConfig, run_intervention
 from .app import app, console
 from .evaluate import load_neurons_and_model, parse_metrics

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..results import NeuronSet
+from ..errors import CaplocError
+from ..results import NeuronSet, read_json
 from . import figures as F
 from .registry import register_renderer
 
@@ -35,6 +36,62 @@ def _describe_rule(meta: dict) -> str:
         return "unknown"
     return {"sigma": f"sigma: Attr > mean + {val:g} sd", "topk": f"topk: top {int(val)} per sample",
             "kn": f"kn: Attr > {val:g} x max"}.get(rule, f"{rule} = {val}")
+
+
+TOP_NEURONS = 200
+
+
+def neuron_table(ns: NeuronSet, top: int = TOP_NEURONS) -> dict:
+    """The set's neurons, most frequently selected first (all of them live in neurons.json)."""
+    order = np.lexsort((ns.pairs[:, 1], ns.pairs[:, 0],
+                        -np.nan_to_num(ns.mean_score) if ns.mean_score is not None else np.zeros(len(ns)),
+                        -np.nan_to_num(ns.frequency) if ns.frequency is not None else np.zeros(len(ns))))
+    rows = []
+    for k in order[:top]:
+        rows.append([f"L{int(ns.pairs[k, 0])}:{int(ns.pairs[k, 1])}",
+                     None if ns.frequency is None else round(float(ns.frequency[k]), 4),
+                     None if ns.mean_score is None else float(f"{float(ns.mean_score[k]):.4g}")])
+    note = f"The {min(top, len(ns))} most frequently selected of {len(ns)} neurons; every pair is in neurons.json."
+    return {"title": "Neurons", "columns": ["neuron (layer:index)", "selection frequency", "mean score"],
+            "rows": rows, "note": note}
+
+
+def _cards(run_dir: Path) -> dict | None:
+    """Neuron cards written by ``caploc locate`` (cards.json): where each top neuron fires most."""
+    path = run_dir / "cards.json"
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+        rows = []
+        for c in data["cards"]:
+            ctxs = []
+            for x in c["contexts"]:
+                toks = [str(t) for t in x["tokens"]]
+                m = int(x["mark"])
+                text = "".join(toks[:m]) + "[" + toks[m] + "]" + "".join(toks[m + 1:]) if 0 <= m < len(toks) else ""
+                ctxs.append(f"{text.strip()} ({float(x['activation']):.3g})")
+            rows.append([f"L{int(c['layer'])}:{int(c['index'])}", c.get("frequency"), c.get("mean_score"),
+                         " · ".join(ctxs)])
+    except (CaplocError, KeyError, TypeError, ValueError, IndexError):
+        log.warning("%s is unreadable; the report leaves the neuron cards out", path)
+        return None
+    return {"title": "Neuron cards", "columns": ["neuron", "frequency", "mean score",
+                                                  "where it fires most (token in [brackets], activation)"],
+            "rows": rows, "note": "The dataset contexts with the largest activation of each top neuron."}
+
+
+def locate_report(ns: NeuronSet) -> dict:
+    """The report.json a locate stage writes (the renderer adds figures and tables from the neuron set itself)."""
+    share_p = ns.share_of_params()
+    return {
+        "kind": "locate", "title": f"Commonality neurons of {ns.meta.get('dataset')}",
+        "text": [f"{len(ns)} neurons = {100 * ns.share_of_neurons():.4f} % of MLP neurons"
+                 + (f" = {100 * share_p:.4f} % of parameters" if share_p is not None else "")
+                 + f", selected in >= {ns.meta.get('min_count')} of {ns.n_samples} samples."],
+        "tables": [], "figures": [],
+        "claims": {"n_neurons": {"value": len(ns)}, "share_of_params": {"value": share_p}},
+    }
 
 
 def render_locate(run_dir: Path, report: dict | None, fig_dir: Path) -> dict:
@@ -124,6 +181,11 @@ def render_locate(run_dir: Path, report: dict | None, fig_dir: Path) -> dict:
                        "rows": [[int(l), int(per_layer[l]), round(100 * per_layer[l] / d, 4),
                                  round(100 * per_layer[l] / n, 2)] for l in nz],
                        "note": "Layers without neurons are omitted."})
+    if n:
+        tables.append(neuron_table(ns))
+    cards = _cards(run_dir)
+    if cards:
+        tables.append(cards)
     claims = {"n_neurons": {"value": n}, "share_of_neurons": {"value": ns.share_of_neurons()}}
     if share_p is not None:
         claims["share_of_params"] = {"value": share_p}

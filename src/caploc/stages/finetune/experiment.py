@@ -32,8 +32,8 @@ from ... import __version__
 from ...data import encode_dataset
 from ...data import pad_id as token_pad_id
 from ...errors import CaplocError
-from ...evaluate import evaluate as evaluate_set
 from ...hooks import frozen
+from ...measure import evaluate as evaluate_set
 from ...models.layouts import Site
 from ...results import NeuronSet, atomic_save_tensors, atomic_write_json, config_key, read_json
 from ...runs import commit

@@ -1,6 +1,6 @@
 """Data for the fine-tuning comparison: the training set, its held-out evaluation sets and the validation split.
 
-:func:`finetune_data` is what ``caploc finetune`` uses: the evaluation sets come from :func:`caploc.runs.eval_sets`
+:func:`finetune_data` is what ``caploc finetune`` uses: the evaluation sets come from :func:`caploc.evalsets.eval_sets`
 (the one eval-set builder: held-out samples / held-out templates of the localization data, off-target sets) and the
 training set is drawn from the rest of the data, disjoint from every evaluation prompt and from the held-out
 templates. :func:`split_for_finetune` splits one given dataset into train / held-out / held-out-template parts.
@@ -15,11 +15,11 @@ import numpy as np
 
 from ...data import Dataset, load_dataset, train_test_split
 from ...errors import CaplocError
-from ...runs import eval_sets
+from ...evalsets import eval_sets
 
 log = logging.getLogger(__name__)
 
-#: label suffixes (``caploc.runs.eval_sets``) of the on-target sets whose groups (templates) training must not see
+#: label suffixes (``caploc.evalsets.eval_sets``) of the on-target sets whose groups (templates) training must not see
 UNSEEN_SUFFIXES = (":heldout-templates", ":split-groups-b")
 
 
@@ -94,7 +94,7 @@ def finetune_data(data: str, n_train: int, n_eval: int, *, eval_data: Sequence[s
                   ) -> tuple[Dataset, dict[str, Dataset], list[str]]:
     """``(train, {label: eval set}, on-target labels)`` for fine-tuning on ``data``.
 
-    Evaluation sets: :func:`caploc.runs.eval_sets` of ``[data, *eval_data]`` (``n_eval`` samples each, seed
+    Evaluation sets: :func:`caploc.evalsets.eval_sets` of ``[data, *eval_data]`` (``n_eval`` samples each, seed
     ``data_seed``). With a neuron set (``neuron_meta``) the on-target sets are ``<data>:heldout-samples`` (templates
     the localization saw) and ``<data>:heldout-templates`` (unseen templates), both without localization prompts;
     without one, ``<data>`` itself. Training set: ``n_train`` samples of a pool of ``data`` (seed ``data_seed``),
