@@ -95,3 +95,48 @@ def test_as_dataset_keeps_fields_and_subsamples():
 def test_split_settings_routes_each_name_once():
     a, b = split_settings({"method": "ig", "sigma": 2.0}, AttributionConfig, LocateConfig)
     assert a == {"method": "ig"} and b == {"sigma": 2.0}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, before):
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_intervene_on_rows_matches_the_stage_and_leaves_weights(lm):
+    from caploc.stages.intervene import InterveneConfig, run_intervention
+
+    loc = caploc.locate(lm, ROWS, **SETTINGS)
+    off = [{"prompt": f"The colour {c} is", "target": " nice"} for c in ("red", "blue", "green", "grey")]
+    before = _state(lm.model)
+    res = caploc.intervene(lm.model, loc, ROWS, tokenizer=lm.tokenizer, off_target=[off], ks=(0.0, 2.0), n_random=3,
+                           min_controls=3, act_matched=False, n_boot=50)
+    assert _same_state(lm.model, before)
+    ref = run_intervention(lm, loc.neurons, [("on-target", as_dataset(ROWS, name="on-target"), "on"),
+                                             ("off-target-1", as_dataset(off, name="off-target-1"), "off")],
+                           InterveneConfig(ks=(0.0, 2.0), n_random=3, min_controls=3, act_matched=False, n_boot=50))
+    df = res.to_pandas()
+    assert set(df["dataset"]) == {"on-target", "off-target-1"} and len(df) == 4
+    np.testing.assert_allclose(df["d_nll"].to_numpy(), [r["d_nll"] for r in ref.summary_rows()], rtol=1e-9)
+    assert "erase_beats_random" in res.claims and "Interventions(2 datasets, 3 random sets" in repr(res)
+    assert list(res.to_pandas("claims")["claim"])[:1] == ["erase_beats_random"]
+    with pytest.raises(CaplocError, match="effects or claims"):
+        res.to_pandas("everything")
+
+
+def test_stability_from_a_notebook_localization(lm):
+    loc = caploc.locate(lm, ROWS, **SETTINGS)
+    st = caploc.stability(loc, k=2, seeds=[0, 1], kinds=["random"], n_boot=20, null_draws=0)
+    assert len(st.pairs) == 2 and all(0.0 <= p["iou"] <= 1.0 for p in st.pairs)
+    np.testing.assert_array_equal(st.full_set.pairs, loc.neurons.pairs)
+
+
+def test_finetune_leaves_the_model_unchanged(lm):
+    loc = caploc.locate(lm, load_dataset("facts", n=8, seed=0), **SETTINGS)
+    before = _state(lm.model)
+    res = caploc.finetune(lm, loc, "facts", n_train=4, n_eval=4, arms=("neurons", "random"), steps=2, n_random=1,
+                          save_adapters=False)
+    assert _same_state(lm.model, before)
+    assert {a.name for a in res.arms} >= {"neurons"}

@@ -5,7 +5,7 @@ here and load on first use, so ``import caploc`` stays cheap for the command lin
 """
 __version__ = "0.1.0"
 
-_API = ("locate", "as_model", "as_dataset", "Localization")
+_API = ("locate", "intervene", "stability", "finetune", "as_model", "as_dataset", "Localization", "Interventions")
 
 
 def __getattr__(name: str):  # PEP 562: load caploc.api (torch, transformers) only when one of its names is used

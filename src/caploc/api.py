@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -32,12 +32,18 @@ from .attribution.engine import AttributionConfig
 from .data import Dataset, load_dataset
 from .data.files import records_to_samples
 from .errors import CaplocError
+from .evalsets import eval_sets
 from .localize import LocateConfig, LocateResult
 from .localize import locate as _locate
 from .models import LoadedModel, load_model
 from .models.fingerprint import model_fingerprint
 from .models.layouts import LAYOUTS, Site
 from .results import NeuronSet
+from .splits import StabilityConfig
+from .stages.finetune import FinetuneConfig, finetune_data
+from .stages.finetune import finetune as _finetune
+from .stages.intervene import InterveneConfig, InterventionResult, run_intervention
+from .stages.stability import stability as _stability
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +146,20 @@ def split_settings(settings: dict, *classes: type) -> list[dict]:
     return out
 
 
-@contextlib.contextmanager
-def _out_dir(out: str | Path | None) -> Iterator[Path]:
+def _out_dir(out: str | Path | None) -> tuple[Path, Any]:
+    """``(directory, keeper)``: ``out`` itself, or a temporary directory that lives as long as ``keeper``."""
     if out is not None:
-        yield Path(out)
-        return
-    with tempfile.TemporaryDirectory(prefix="caploc-") as tmp:
-        yield Path(tmp) / "run"
+        return Path(out), None
+    tmp = tempfile.TemporaryDirectory(prefix="caploc-")
+    return Path(tmp.name) / "run", tmp
+
+
+def _frame(rows: list[dict]):
+    try:
+        import pandas as pd
+    except ImportError:
+        raise CaplocError("to_pandas needs pandas: pip install pandas") from None
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -154,12 +167,14 @@ def _out_dir(out: str | Path | None) -> Iterator[Path]:
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Localization:
-    """What :func:`locate` found: the commonality neurons, the run's summary and where it was written (``None`` when
-    no ``out`` was given: the per-sample scores were in a temporary directory, gone now)."""
+    """What :func:`locate` found: the commonality neurons, the run's summary and the run directory (``out``, or a
+    temporary directory that lives as long as this object, so :func:`stability` can use the stored scores)."""
 
     neurons: NeuronSet
     summary: dict
     out_dir: Path | None
+    run_dir: Path | None = None
+    _keep: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def pairs(self) -> list[list[int]]:
@@ -197,9 +212,118 @@ def locate(model: Any, data: Any, tokenizer: Any = None, *, out: str | Path | No
     if "attribution" in lkw:
         raise CaplocError("pass attribution settings by name (method=, steps=, ...), not attribution=")
     cfg = LocateConfig(attribution=AttributionConfig(**akw), **lkw)
-    with borrowed(lm), _out_dir(out) as out_dir:
+    out_dir, keep = _out_dir(out)
+    with borrowed(lm):
         res: LocateResult = _locate(lm, ds, cfg, out_dir, overwrite=overwrite)
-    return Localization(neurons=res.neurons, summary=res.summary, out_dir=Path(out) if out is not None else None)
+    return Localization(neurons=res.neurons, summary=res.summary, out_dir=Path(out) if out is not None else None,
+                        run_dir=out_dir, _keep=keep)
 
 
-__all__ = ["Localization", "as_dataset", "as_model", "borrowed", "locate", "split_settings"]
+def _neurons(neurons: Any, lm: LoadedModel | None = None) -> NeuronSet:
+    if isinstance(neurons, Localization):
+        return neurons.neurons
+    if isinstance(neurons, NeuronSet):
+        return neurons
+    if isinstance(neurons, (str, Path)):
+        return NeuronSet.load(neurons)
+    if lm is not None:  # [[layer, index], ...]
+        return NeuronSet(np.asarray(neurons), lm.site.n_layers, lm.site.d_mlp, meta={"model_id": lm.model_id})
+    raise CaplocError("neurons must be a Localization, a NeuronSet, a result directory or [[layer, index], ...] pairs")
+
+
+def _eval_data(lm, ns: NeuronSet, data: Any, off_target: Any, n: int, seed: int, heldout: bool, **fields):
+    """Evaluation sets: spec strings go through the verbs' held-out rule (:func:`caploc.evalsets.eval_sets`);
+    in-memory data is used as given (``(label, Dataset, role)``, on-target first)."""
+    off = [] if off_target is None else (list(off_target) if isinstance(off_target, (list, tuple)) else [off_target])
+    if isinstance(data, str) and all(isinstance(o, str) for o in off):
+        return eval_sets([data, *off], n=n, seed=seed, neuron_meta=ns.meta, heldout=heldout,
+                         load_kw={k: v for k, v in fields.items() if v is not None})
+    sets = [("on-target", as_dataset(data, name="on-target", n=None, **fields), "on")]
+    for i, o in enumerate(off):
+        name = o if isinstance(o, str) else f"off-target-{i + 1}"
+        sets.append((name, as_dataset(o, name=name, n=n if isinstance(o, str) else None, seed=seed), "off"))
+    return sets
+
+
+@dataclasses.dataclass
+class Interventions:
+    """What :func:`intervene` measured: per dataset, gain and condition the change in NLL/token against the
+    untouched model and the random-set distribution, and the claims with their verdicts."""
+
+    result: InterventionResult
+    out_dir: Path | None
+
+    @property
+    def claims(self) -> dict:
+        return self.result.claims()
+
+    def to_pandas(self, what: str = "effects"):
+        """``"effects"``: one row per dataset x gain x condition; ``"claims"``: one row per claim."""
+        if what == "effects":
+            return _frame(self.result.summary_rows())
+        if what == "claims":
+            return _frame([{"claim": k, **{kk: vv for kk, vv in v.items() if not isinstance(vv, (list, dict))}}
+                           for k, v in self.claims.items()])
+        raise CaplocError(f"to_pandas(what={what!r}): choose effects or claims")
+
+    def __repr__(self) -> str:
+        bits = []
+        for name, c in self.claims.items():
+            v = c.get("value")
+            val = f"{v:+.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+            bits.append(f"{name}={val} ({c.get('verdict', c.get('holds'))})")
+        n = len(self.result.random_conditions)
+        return f"Interventions({len(self.result.datasets)} datasets, {n} random sets; " + "; ".join(bits) + ")"
+
+
+def intervene(model: Any, neurons: Any, data: Any, tokenizer: Any = None, *, off_target: Any = None, n: int = 32,
+              seed: int = 1, heldout: bool = True, out: str | Path | None = None, prompt_field: str | None = None,
+              target_field: str | None = None, **settings) -> Interventions:
+    """Erase / enhance ``neurons`` on ``data`` (on-target) and ``off_target`` data against layer-matched random sets
+    and an activation-matched set. Settings: the fields of :class:`~caploc.stages.intervene.InterveneConfig`
+    (``ks``, ``n_random``, ``min_controls``, ...). Spec strings are held out from the localization rows as the CLI
+    does; rows passed in are used as given."""
+    lm = as_model(model, tokenizer)
+    ns = _neurons(neurons, lm)
+    (ikw,) = split_settings(settings, InterveneConfig)
+    cfg = InterveneConfig(**ikw)
+    sets = _eval_data(lm, ns, data, off_target, n, seed, heldout, prompt_field=prompt_field,
+                      target_field=target_field)
+    with borrowed(lm):
+        res = run_intervention(lm, ns, sets, cfg, out_dir=out)
+    return Interventions(res, Path(out) if out is not None else None)
+
+
+def stability(localization: Any, **settings):
+    """Split agreement of a localization from its stored per-sample scores (no model needed): pass the
+    :class:`Localization` (or a locate run directory). Settings: :class:`~caploc.splits.StabilityConfig` fields
+    (``k``, ``seeds``, ``kinds``, ...). Returns the stage's :class:`~caploc.stages.stability.StabilityResult`."""
+    run = localization.run_dir if isinstance(localization, Localization) else Path(localization)
+    if run is None:
+        raise CaplocError("this Localization has no run directory; locate with out= to keep its scores")
+    (skw,) = split_settings(settings, StabilityConfig)
+    return _stability(run, StabilityConfig(**skw))
+
+
+def finetune(model: Any, neurons: Any, data: str, tokenizer: Any = None, *, eval_data: Sequence[str] = (),
+             n_train: int = 32, n_eval: int = 16, seed: int = 0, data_seed: int = 1, out: str | Path | None = None,
+             **settings):
+    """Fine-tune only ``neurons`` (and the control arms in ``arms``) on ``data`` (a dataset spec), evaluated on
+    held-out rows and ``eval_data`` as ``caploc finetune`` does. The model passed in is not changed: arms train
+    adapters or copies. Settings: :class:`~caploc.stages.finetune.FinetuneConfig` fields (``arms``, ``steps``,
+    ``lr``, ...). Returns the stage's :class:`~caploc.stages.finetune.FinetuneResult`."""
+    if not isinstance(data, str):
+        raise CaplocError("finetune takes its data as a dataset spec (a built-in name or a file path) so the "
+                          "held-out evaluation rows can be drawn apart from the training rows")
+    lm = as_model(model, tokenizer)
+    ns = _neurons(neurons, lm)
+    (fkw,) = split_settings(settings, FinetuneConfig)
+    cfg = FinetuneConfig(**{"seed": seed, **fkw})
+    train, sets, on = finetune_data(data, n_train, n_eval, eval_data=list(eval_data), seed=seed, data_seed=data_seed,
+                                    neuron_meta=ns.meta)
+    with borrowed(lm):
+        return _finetune(lm, ns, train, cfg, out, eval_sets=sets, on_target=on)
+
+
+__all__ = ["Localization", "Interventions", "as_dataset", "as_model", "borrowed", "locate", "intervene", "stability",
+           "finetune", "split_settings"]

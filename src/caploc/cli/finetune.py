@@ -52,10 +52,11 @@ def finetune(
     from rich.table import Table
 
     from ..errors import CaplocError
-    from ..results import NeuronSet
+    from ..results import NeuronSet, check_out_dir
     from ..stages.finetune import finetune as run_finetune
     from ..stages.finetune import finetune_data, merge_to_dir
 
+    check_out_dir(out)  # before any work
     if merge is not None:
         with console.status(f"merging {merge} ...", spinner="dots"):
             path = merge_to_dir(merge, out, model=model, dtype=dtype, device=device, layout=layout)

@@ -35,7 +35,7 @@ from ...errors import CaplocError
 from ...hooks import frozen
 from ...measure import evaluate as evaluate_set
 from ...models.layouts import Site
-from ...results import NeuronSet, atomic_save_tensors, atomic_write_json, config_key, read_json
+from ...results import NeuronSet, atomic_save_tensors, atomic_write_json, check_out_dir, config_key, read_json
 from ...runs import commit
 from ...stats import random_layer_matched_set
 from .adapter import NeuronAdapter, fingerprint_of, unwrap
@@ -126,7 +126,7 @@ class FinetuneExperiment:
             on_target = [n for n in self.eval_sets if n.split(":")[0].split("[")[0] == base_name] or list(self.eval_sets)
         self.on_target = list(on_target)
         self.roles = {n: ("on" if n in self.on_target else "off") for n in self.eval_sets}
-        self.out_path = Path(out_dir) if out_dir is not None else None
+        self.out_path = check_out_dir(out_dir) if out_dir is not None else None
         if self.out_path is not None:
             self.out_path.mkdir(parents=True, exist_ok=True)
         # with a sweep the arms train on ``fit`` and the validation part picks their rates
