@@ -23,6 +23,7 @@ from . import __version__
 from .attribution.engine import AttributionConfig, Attributor
 from .config import check, setting
 from .errors import CaplocError, DataError
+from .progress import bar
 from .results import NeuronSet, OutLock, atomic_write_json, check_out_dir
 from .scorestore import ScoreStore
 
@@ -154,8 +155,6 @@ def check_fits(lm, cfg: LocateConfig, n_samples: int) -> None:
 def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwrite: bool = False,
                   rank: int = 0, world: int = 1, progress: bool | None = None) -> ScoreStore:
     """Attribute every sample and write the per-sample score store (resumable; shards split over ``world`` ranks)."""
-    from tqdm.auto import tqdm
-
     from .data import encode_dataset
 
     if len(dataset) == 0:
@@ -185,15 +184,19 @@ def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwr
     att = Attributor(site, cfg.attribution)
     n_todo = sum(min(cfg.shard_size, len(encoded) - k * cfg.shard_size) for k in todo)
     t0 = time.time()
-    with tqdm(total=n_todo, desc=f"attribution ({cfg.attribution.method})", unit="sample", disable=progress is False
-              if progress is not None else None, leave=False) as bar:
+    if cfg.attribution.method == "ig" and n_todo:
+        layers = len(cfg.attribution.layers) if cfg.attribution.layers is not None else site.n_layers
+        log.warning("exact IG: %d steps x %d layers = about %d forward+backward passes per sample, %d samples to "
+                    "score (grad_x_act needs 1 per sample); a time estimate follows the first shard",
+                    cfg.attribution.steps, layers, cfg.attribution.steps * layers, n_todo)
+    with bar(total=n_todo, desc=f"attribution ({cfg.attribution.method})", unit="sample", progress=progress) as pbar:
         for k in todo:
             idx = list(range(k * cfg.shard_size, min(len(encoded), (k + 1) * cfg.shard_size)))
             res = att.score_batch([(encoded[i].input_ids, encoded[i].prompt_len) for i in idx])
             L = site.n_layers
             gap = torch.stack([r.gap if r.gap is not None else torch.full((L,), float("nan")) for r in res])
             store.write_shard(k, idx, torch.stack([r.scores for r in res]), [r.f for r in res], gap)
-            bar.update(len(idx))
+            pbar.update(len(idx))
     log.info("rank %d scored %d samples in %.1f s (%s)", rank, n_todo, time.time() - t0, att.stats)
     return store
 
