@@ -37,6 +37,9 @@ import torch
 
 from . import __version__
 from .errors import CaplocError
+from .hooks import scale_neurons
+from .neurons import by_layer
+from .results import NeuronSet, atomic_save_tensors, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,6 @@ ADAPTER_DIR = "ia3_adapter"
 
 def gain_vectors(neurons, k: float, n_layers: int, d_mlp: int) -> dict[int, torch.Tensor]:
     """{layer: gain [d_mlp] float32}: 1 everywhere, ``k`` at the set's neurons; only layers with set neurons."""
-    from .neurons import by_layer
 
     out = {}
     for l, ix in sorted(by_layer(neurons, d_mlp).items()):
@@ -93,7 +95,6 @@ def folded_gains(site, gains: dict[int, torch.Tensor]) -> Iterator[None]:
 
 def apply_gains(site, gains: dict[int, torch.Tensor]):
     """Apply saved gain vectors through hooks (no weight change): a context manager."""
-    from .hooks import scale_neurons
 
     _check_gains(site, gains)
     neurons = {int(l): torch.arange(site.d_mlp) for l in gains}
@@ -101,7 +102,6 @@ def apply_gains(site, gains: dict[int, torch.Tensor]):
 
 
 def save_gains(path: Path | str, gains: dict[int, torch.Tensor], meta: dict) -> None:
-    from .results import atomic_save_tensors, atomic_write_json
 
     path = Path(path)
     atomic_save_tensors(path, {f"layer_{l}": g.float() for l, g in gains.items()},
@@ -226,7 +226,6 @@ def export_enhanced(lm, neurons, k: float, out_dir: Path | str, *, peft: bool | 
     importable and ``peft`` is not False) an IA3 adapter; see the module docstring. Returns the export summary."""
     from transformers import AutoModelForCausalLM
 
-    from .results import NeuronSet, atomic_write_json
 
     site, model = lm.site, lm.model
     if isinstance(neurons, NeuronSet):
@@ -330,7 +329,6 @@ def _with_gains(model, site, gains, ids):
 
 
 def _write_report(out_dir: Path, s: dict) -> None:
-    from .results import atomic_write_json
 
     rows = [["folded checkpoint (AutoModelForCausalLM.from_pretrained)", s.get("max_abs_logit_diff_folded")]]
     if "ia3_adapter" in s:

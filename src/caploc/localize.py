@@ -22,6 +22,8 @@ import torch
 from . import __version__
 from .attribution.engine import AttributionConfig, Attributor
 from .config import check, setting
+from .data import encode_dataset
+from .distributed import barrier
 from .errors import CaplocError, DataError
 from .progress import bar
 from .results import NeuronSet, OutLock, atomic_write_json, check_out_dir
@@ -155,7 +157,6 @@ def check_fits(lm, cfg: LocateConfig, n_samples: int) -> None:
 def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwrite: bool = False,
                   rank: int = 0, world: int = 1, progress: bool | None = None) -> ScoreStore:
     """Attribute every sample and write the per-sample score store (resumable; shards split over ``world`` ranks)."""
-    from .data import encode_dataset
 
     if len(dataset) == 0:
         raise DataError(f"dataset {dataset.name!r} is empty: nothing to localize")
@@ -173,8 +174,6 @@ def score_dataset(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwr
     if rank == 0:
         store.open(spec, len(encoded), cfg.shard_size, overwrite=overwrite)
     if world > 1:
-        from .distributed import barrier
-
         barrier()
         if rank != 0:
             store.open(spec, len(encoded), cfg.shard_size, overwrite=False, clean_tmp=False)
@@ -231,8 +230,6 @@ def _locate(lm, dataset, cfg: LocateConfig, out_dir: Path, *, overwrite: bool, p
     t0 = time.time()
     store = score_dataset(lm, dataset, cfg, out_dir, overwrite=overwrite, rank=rank, world=world, progress=progress)
     if world > 1:
-        from .distributed import barrier
-
         barrier()
         if rank != 0:
             return None

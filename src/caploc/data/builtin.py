@@ -32,6 +32,7 @@ from pathlib import Path
 
 from caploc.errors import DataError
 
+from . import files
 from .core import Dataset, Sample, add_few_shot, check_n, json_safe, subsample_indices
 
 logger = logging.getLogger(__name__)
@@ -316,7 +317,6 @@ def load_dataset(spec: str, n: int | None = None, seed: int = 0, *, target: str 
     ``target`` applies to gsm_symbolic (``"cot"`` or ``"answer"``); the ``*_field`` arguments to files;
     ``few_shot=k`` prepends ``k`` solved examples from a separate seed stream to every prompt.
     """
-    from . import files  # local import: files.py is only needed for file specs
 
     if not isinstance(few_shot, int) or few_shot < 0:
         raise DataError(f"few_shot={few_shot!r} must be an integer >= 0")
