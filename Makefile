@@ -26,6 +26,7 @@ demo: install
 locate-demo: demo
 
 test: install
+	$(BIN)/ruff check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-fast: install

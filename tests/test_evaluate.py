@@ -206,7 +206,7 @@ def test_run_eval_report(tmp_path, lm):
     from caploc.results import NeuronSet
 
     ns = NeuronSet(np.array([[0, 1], [1, 4], [2, 7]]), lm.site.n_layers, lm.site.d_mlp)
-    run = run_eval(lm, {"a": _toy(4), "b": _toy(3, "other")}, neurons=ns, mode="enhance", k=3.0, out_dir=tmp_path)
+    run_eval(lm, {"a": _toy(4), "b": _toy(3, "other")}, neurons=ns, mode="enhance", k=3.0, out_dir=tmp_path)
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["kind"] == "eval" and rep["tables"][0]["rows"]
     back = EvalRun.load(tmp_path)

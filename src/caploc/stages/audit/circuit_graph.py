@@ -157,12 +157,12 @@ class NodeGraph:
     # ---- nodes and edges -------------------------------------------------------------------------------------------
     def _build_nodes(self):
         L, H = self.n_layers, self.n_heads
-        names, kind, layer, head = ["emb"], ["emb"], [-1], [-1]
+        nodes = [("emb", "emb", -1, -1)]
         for l in range(L):
-            for h in range(H):
-                names.append(f"L{l}.H{h}"); kind.append("head"); layer.append(l); head.append(h)
-            names.append(f"L{l}.MLP"); kind.append("mlp"); layer.append(l); head.append(-1)
-        names.append("logits"); kind.append("logits"); layer.append(L); head.append(-1)
+            nodes += [(f"L{l}.H{h}", "head", l, h) for h in range(H)]
+            nodes.append((f"L{l}.MLP", "mlp", l, -1))
+        nodes.append(("logits", "logits", L, -1))
+        names, kind, layer, head = (list(col) for col in zip(*nodes))
         self.nodes, self.kind = names, kind
         self.layer, self.head = np.array(layer), np.array(head)
         n = len(names)
