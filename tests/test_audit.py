@@ -497,7 +497,9 @@ def test_run_audit_tiny_roundtrip_and_resume(tmp_path, llama, monkeypatch):
     res2 = run_audit(llama, ds, cfg, out, progress=False)
     assert res2.summary["reused_facts"] == 3
     assert count_hooks(llama.model) == 0
-    # an unfinished run: only the finished prefix of facts is loaded (with allow_partial)
+    # an unfinished run: only the finished prefix of facts is loaded (with allow_partial). An unfinished run has not
+    # committed its manifest (written last); one edited after its commit is refused (test_integrity).
+    (out / ".caploc-manifest.json").unlink()
     meta = json.loads((out / "audit.json").read_text())
     meta["complete"] = False
     (out / "audit.json").write_text(json.dumps(meta))

@@ -294,7 +294,7 @@ def test_finetune_arms_report_and_untouched_base(tmp_path):
         finetune(lm, ns, train, FinetuneConfig(arms=("neurons",), steps=2, lr=0.02), tmp_path / "ft",
                  eval_sets=evals, progress=False)
     # the saved adapter reproduces the neuron arm's evaluation
-    from caploc import evaluate as ev
+    from caploc import measure as ev
     ad = NeuronAdapter.load(tmp_path / "ft" / "adapter", lm)
     with ad.applied(lm.model):
         r = ev.nll(lm, evals["toy:heldout"], batch_size=8)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from caploc.errors import CaplocError
-from caploc.results import OutLock, check_out_dir, tensors_digest
+from caploc.results import OutLock, atomic_save_tensors, atomic_write_json, check_out_dir, tensors_digest
 from caploc.scorestore import ScoreStore
 
 
@@ -100,3 +100,47 @@ def test_out_dir_checked_up_front(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(CaplocError, match="not writable"):
         check_out_dir(ro / "x")
+
+
+def test_commit_manifest_refuses_a_torn_or_edited_result(tmp_path):
+    """A stage result is committed as a whole: the manifest (written last) records every file's sha256 and readers
+    verify it, so files left from an interrupted rewrite, or edited afterwards, are refused."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from caploc.results import MANIFEST, read_json, read_tensors
+    from caploc.runs import commit
+
+    @dataclass
+    class Toy:
+        value: float
+        kind: ClassVar[str] = "toy"
+        provenance: ClassVar[tuple] = ()
+
+        def save(self, d):
+            atomic_write_json(d / "toy.json", {"value": self.value})
+            atomic_save_tensors(d / "toy.safetensors", {"x": torch.full((3,), self.value)})
+
+        @classmethod
+        def load(cls, d):
+            return cls(read_json(d / "toy.json")["value"])
+
+        def to_report(self, d):
+            return {"kind": "toy", "title": "toy", "claims": {"v": {"value": self.value}}}
+
+    out = tmp_path / "res"
+    commit(Toy(1.0), out)
+    files = read_json(out / MANIFEST)["files"]
+    assert set(files) == {"toy.json", "toy.safetensors", "report.json"}
+    assert Toy.load(out).value == 1.0 and read_tensors(out / "toy.safetensors")["x"][0] == 1.0
+    # a rewrite killed after its first file: the old manifest does not describe the new file -> refused
+    atomic_write_json(out / "toy.json", {"value": 2.0})
+    with pytest.raises(CaplocError, match="does not match the checksum"):
+        Toy.load(out)
+    commit(Toy(2.0), out)  # the finished rewrite commits a new manifest
+    assert Toy.load(out).value == 2.0
+    blob = bytearray((out / "toy.safetensors").read_bytes())
+    blob[-1] ^= 0xFF  # one flipped bit in the data, header intact
+    (out / "toy.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CaplocError, match="does not match the checksum"):
+        read_tensors(out / "toy.safetensors")

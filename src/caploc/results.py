@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import CaplocError, IncompatibleResultError
+from .outdir import OutLock, check_out_dir  # noqa: F401  (re-exported: where results are written)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,58 @@ def config_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# result manifests: a directory committed as a whole
+# ---------------------------------------------------------------------------------------------------------------------
+MANIFEST = ".caploc-manifest.json"
+
+
+def write_manifest(out_dir: Path | str, files) -> Path:
+    """Record the sha256 of ``files`` (paths inside ``out_dir``) in ``out_dir/.caploc-manifest.json``, written last:
+    a result is committed when its manifest is. Readers verify every listed file against it (``verify_file``), so a
+    directory left half-rewritten by a killed run, or a file changed afterwards, is refused instead of read."""
+    out_dir = Path(out_dir)
+    entries = {}
+    for f in sorted({Path(f) for f in files}):
+        if f.is_file() and f.name != MANIFEST:
+            entries[f.relative_to(out_dir).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    atomic_write_json(out_dir / MANIFEST, {"kind": "result_manifest", "caploc_version": __version__,
+                                           "files": entries})
+    return out_dir / MANIFEST
+
+
+def _manifest_entry(path: Path) -> tuple[Path, str] | None:
+    """The sha256 a manifest records for ``path`` (the manifest of its directory or of the one above)."""
+    for root in (path.parent, path.parent.parent):
+        m = root / MANIFEST
+        if not m.is_file():
+            continue
+        try:
+            data = json.loads(m.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise CaplocError(f"{m} is unreadable: the result directory {root} is damaged; rerun the command that "
+                              "wrote it") from None
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(files, dict):
+            raise CaplocError(f"{m} is not a caploc result manifest; rerun the command that wrote {root}")
+        rel = path.relative_to(root).as_posix()
+        if rel in files:
+            return m, str(files[rel])
+    return None
+
+
+def verify_file(path: Path, data: bytes | None = None) -> None:
+    """Refuse a file whose bytes differ from what its result manifest recorded when the result was committed."""
+    entry = _manifest_entry(Path(path))
+    if entry is None:
+        return
+    m, want = entry
+    got = hashlib.sha256(Path(path).read_bytes() if data is None else data).hexdigest()
+    if got != want:
+        raise CaplocError(f"{path} does not match the checksum {m.name} recorded when the result was written "
+                          "(changed, truncated, or left from an interrupted rewrite); rerun the command that wrote it")
+
+
 def read_json(path: Path | str):
     """Parse a JSON file caploc reads (a result, a config, a neuron list): any problem is a one-line CaplocError
     naming the file -- missing, a directory, unreadable, not UTF-8, not JSON, nested too deeply."""
@@ -113,7 +165,9 @@ def read_json(path: Path | str):
     if path.is_dir():
         raise CaplocError(f"{path} is a directory, not a JSON file")
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+        verify_file(path, data)
+        text = data.decode("utf-8")
         return json.loads(text)
     except UnicodeDecodeError as e:
         raise CaplocError(f"{path} is not UTF-8 text (byte {e.start}): pass a JSON file") from None
@@ -130,6 +184,7 @@ def read_tensors(path: Path | str, what: str = "result") -> dict[str, torch.Tens
     path = Path(path)
     if not path.is_file():
         raise CaplocError(f"{path} is missing: the {what} directory is incomplete")
+    verify_file(path)
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated / garbage headers
@@ -458,88 +513,6 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# output directories: checked before the work starts, one writer at a time
-# ---------------------------------------------------------------------------------------------------------------------
-def check_out_dir(path: Path | str, what: str = "--out") -> Path:
-    """Refuse an output location that cannot hold a result directory, before any computation starts."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CaplocError(f"{what} {path} is a file; pass a directory")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CaplocError(f"{what} {path} is inside {probe}, which is a file; pass another directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CaplocError(f"{what} {path} is not writable ({probe} does not allow it); pass another directory")
-    return path
-
-
-class OutLock:
-    """An exclusive, non-blocking lock on a result directory (``DIR/.caploc.lock``), held while a verb writes there.
-
-    A second process writing into the same directory gets a one-line error instead of mixing shards and metadata.
-    The lock is an OS file lock, so it disappears with the process even after SIGKILL. On a clean exit the lock file is
-    removed (while still locked; a process that opened the old file notices the unlinked inode and retries), and a
-    directory the lock itself created is removed again if nothing was written into it, so a refused command leaves no
-    trace. Re-entrant within one process (nested stages share the outer lock)."""
-
-    _held: dict[str, int] = {}
-
-    def __init__(self, out_dir: Path | str):
-        self.path = Path(out_dir).expanduser().resolve() / ".caploc.lock"
-        self._fd: int | None = None
-        self._made_dir = False
-
-    def __enter__(self) -> "OutLock":
-        import fcntl
-
-        k = str(self.path)
-        if k in OutLock._held:
-            OutLock._held[k] += 1
-            return self
-        self._made_dir = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise CaplocError(f"another caploc process is writing into {self.path.parent}; wait for it or pass "
-                                  "another --out") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
-        else:  # pragma: no cover - needs 100 lost races in a row
-            raise CaplocError(f"could not lock {self.path.parent}; retry")
-        self._fd = fd
-        OutLock._held[k] = 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import fcntl
-
-        k = str(self.path)
-        OutLock._held[k] -= 1
-        if OutLock._held[k] == 0:
-            del OutLock._held[k]
-            if self._fd is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path)
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-                os.close(self._fd)
-                self._fd = None
-            if self._made_dir:
-                with contextlib.suppress(OSError):
-                    self.path.parent.rmdir()  # only if empty: nothing was written
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

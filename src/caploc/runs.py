@@ -21,6 +21,7 @@ Every verb that reads a ``caploc locate`` directory or writes a result goes thro
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
@@ -33,7 +34,7 @@ from .attribution.engine import AttributionConfig
 from .data import Dataset, load_dataset
 from .errors import CaplocError, IncompatibleResultError
 from .localize import LocateConfig, locate
-from .results import NeuronSet, atomic_write_json, read_json
+from .results import NeuronSet, atomic_write_json, read_json, write_manifest
 from .scorestore import ScoreStore
 
 log = logging.getLogger(__name__)
@@ -480,12 +481,18 @@ class StageResult(Protocol):
 
 
 def commit(result: StageResult, out_dir: Path | str, *, report: bool = True) -> Path:
-    """Save ``result`` into ``out_dir`` and, with ``report``, its figures and ``report.json`` (written last)."""
+    """Save ``result`` into ``out_dir`` and, with ``report``, its figures and ``report.json``; then the manifest with
+    every written file's checksum, last. Until the new manifest is written, the previous one (if any) still describes
+    the previous files, so a reader of a half-rewritten directory is refused, never served a mix."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time() - 1.0  # file systems with coarse timestamps
     result.save(out_dir)
     if report:
         atomic_write_json(out_dir / "report.json", result.to_report(out_dir))
+    written = [p for p in out_dir.rglob("*") if p.is_file() and p.stat().st_mtime >= start
+               and not any(part.startswith(".") for part in p.relative_to(out_dir).parts)]
+    write_manifest(out_dir, written)
     return out_dir
 
 
