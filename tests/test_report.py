@@ -353,3 +353,18 @@ def test_report_from_a_real_locate_run(tmp_path):
     rows = dict((r[0], r[1]) for r in sec["tables"][0]["rows"])
     assert rows["frequency threshold"] == "min_freq 0.3 -> S = 2 of 6 samples"
     assert rows["IG completeness, median |gap| / |f(a) - f(0)|"] is not None
+
+
+def test_a_figure_path_outside_its_result_is_never_read(tmp_path):
+    """A crafted report.json naming a file elsewhere (absolute or ../) gets a placeholder; the file is not embedded."""
+    secret = tmp_path / "secret.png"
+    F.heatmap(np.array([[1.0]]), ["a"], secret, "secret")
+    d = _hand_report(tmp_path / "run")
+    rep = json.loads((d / "report.json").read_text())
+    rep["figures"] += [{"title": "Abs", "file": str(secret), "caption": "x", "generated": True},
+                       {"title": "Up", "file": "../secret.png", "caption": "y"}]
+    (d / "report.json").write_text(json.dumps(rep))
+    paths = build_report([d], tmp_path / "out")
+    html = paths.html.read_text()
+    assert html.count("<img ") == 1 and "Abs" in html and html.count("is outside the result directory") >= 2
+    assert base64.b64encode(secret.read_bytes()[:48]).decode()[:40] not in html

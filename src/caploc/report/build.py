@@ -169,10 +169,10 @@ def load_section(run_dir: Path, how: str, scratch: Path) -> Section:
         if not isinstance(report, dict):
             raise CaplocError(f"the report renderer for kind {kind!r} returned {type(report).__name__}, not a dict")
         report.setdefault("kind", kind)
-    return _parse(report, run_dir, report_file, where)
+    return _parse(report, run_dir, report_file, where, scratch)
 
 
-def _parse(rep: dict, run_dir: Path, report_file: Path | None, where: Path) -> Section:
+def _parse(rep: dict, run_dir: Path, report_file: Path | None, where: Path, scratch: Path | None = None) -> Section:
     def bad(what: str) -> CaplocError:
         return CaplocError(f"{where}: {what} (see the report contract in docs/DEVELOPING.md)")
 
@@ -208,7 +208,7 @@ def _parse(rep: dict, run_dir: Path, report_file: Path | None, where: Path) -> S
     for k, f in enumerate(raw_figs):
         if not isinstance(f, dict) or not isinstance(f.get("file"), str) or not f["file"]:
             raise bad(f"figure {k} needs a \"file\" (a PNG path relative to report.json)")
-        figures.append(_load_figure(f, run_dir))
+        figures.append(_load_figure(f, run_dir, scratch))
 
     claims = rep.get("claims", {})
     if not isinstance(claims, dict):
@@ -216,11 +216,24 @@ def _parse(rep: dict, run_dir: Path, report_file: Path | None, where: Path) -> S
     return Section(kind, title, run_dir, report_file, text, tables, figures, claims)
 
 
-def _load_figure(f: dict, run_dir: Path) -> Figure:
+def _inside(p: Path, root: Path | None) -> bool:
+    if root is None:
+        return False
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _load_figure(f: dict, run_dir: Path, scratch: Path | None = None) -> Figure:
     declared = f["file"]
     p = Path(declared)
     p = p if p.is_absolute() else run_dir / p
     fig = Figure(str(f.get("title") or ""), str(f.get("caption") or ""), declared, p, generated=bool(f.get("generated")))
+    if not (_inside(p, run_dir) or _inside(p, scratch)):  # a result file never makes the report read elsewhere
+        fig.missing = f"figure file {declared!r} is outside the result directory {run_dir}; not read"
+        return fig
     ext = p.suffix.lower()
     if ext not in IMAGE_TYPES:
         fig.missing = f"unsupported figure type {ext or '(none)'!r}; write PNG files"
