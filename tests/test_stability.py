@@ -312,3 +312,29 @@ def test_cli_stability_sweep_crosscap_tiny(tmp_path):
     assert cc["sizes"][0] == len(topk6["neurons"])
     # a bad option value is a one-line error, exit code 2
     assert main(["stability", "--run", str(out / "locate"), "--kinds", "banana", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_crosscap_own_files_with_field_mapping_and_early_errors(tmp_path, capsys):
+    """Own data: columns per capability; a bad capability fails before anything is scored, naming it."""
+    import json as _json
+
+    from caploc.cli import main
+
+    sent = tmp_path / "sent.jsonl"
+    sent.write_text("".join(_json.dumps({"text": f"review {i} was", "label": " good" if i % 2 else " bad"}) + "\n"
+                            for i in range(8)))
+    tr = tmp_path / "tr.jsonl"
+    tr.write_text("".join(_json.dumps({"src": f"le chat {i}", "dst": f" the cat {i}"}) + "\n" for i in range(8)))
+    base = ["crosscap", "--model", "tiny:llama", "--n", "6", "--method", "grad_x_act", "--sigma", "1",
+            "--min-freq", "0.3", "--seeds", "2", "--n-boot", "20"]
+    caps = ["--caps", f"sent={sent},tr={tr}"]
+    out = tmp_path / "cc"
+    rc = main([*base, *caps, "--fields", "sent:prompt=text,target=label", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "capability 'tr'" in err and "--fields tr:prompt=COL" in err and "\n" == err[-1]
+    assert not (out / "runs").exists(), "scored before finding the bad capability"
+    rc = main([*base, *caps, "--fields", "sent:prompt=text,target=label", "--fields", "tr:prompt=src,target=dst",
+               "--out", str(out)])
+    assert rc == 0
+    res = _json.loads((out / "crosscap.json").read_text())
+    assert set(res["names"]) == {"sent", "tr"}

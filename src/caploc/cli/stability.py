@@ -188,6 +188,8 @@ def crosscap(
     caps: Optional[str] = typer.Option(None, help="NAME=SPEC,... capabilities to localize (default: gsm_symbolic, "
                                                   "rg:basic_arithmetic, humaneval, rg:sentence_reordering, facts)."),
     run: List[str] = typer.Option([], help="NAME=DIR: an existing locate run for a capability (repeatable)."),
+    fields: List[str] = typer.Option([], help="NAME:prompt=COL,target=COL,group=COL: the columns of capability NAME's "
+                                     "data file (repeatable; default: detected from the column names)."),
     run_samples: Optional[int] = opt(CrossCapConfig, "run_samples"),
     model: str = _o_model(),
     n: int = opt(CrossCapConfig, "n", "--n", "--n-samples"),
@@ -220,6 +222,15 @@ def crosscap(
         capabilities = {}
     else:
         capabilities, notes = default_capabilities()
+    for item in fields:
+        nm, _, spec = item.partition(":")
+        if nm.strip() not in capabilities:
+            raise CaplocError(f"--fields {item!r} names no capability of --caps ({', '.join(capabilities) or 'none'})")
+        cols = _pairs(split_list(spec), "--fields item", "sent:prompt=text,target=label")
+        bad = sorted(set(cols) - {"prompt", "target", "group"})
+        if bad:
+            raise CaplocError(f"--fields {item!r}: unknown column kind {bad[0]!r}; use prompt=, target= and group=")
+        capabilities[nm.strip()] = {"data": capabilities[nm.strip()], **{f"{k}_field": v for k, v in cols.items()}}
     runs = {nm: Path(d) for nm, d in _pairs(run, "--run", "math=runs/locate").items()}
     cfg = _locate_cfg(method, steps, positions, objective, layers, rule, sigma, topk, kn_t, min_freq, chat, max_length,
                       memory_mb, batch_size, shard_size)

@@ -12,7 +12,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -236,21 +236,47 @@ def crosscap(capabilities: dict[str, str], cfg: LocateConfig, out_dir: Path | st
     out_dir = check_out_dir(out_dir)
     runs = dict(runs or {})
     loaded: dict[str, LocateRun] = {}
-    lm = None
-    for nm in dict.fromkeys(list(capabilities) + list(runs)):
+    names = list(dict.fromkeys(list(capabilities) + list(runs)))
+    # every dataset is read (and every run checked) before anything is scored: bad input fails in seconds
+    data = {nm: _capability_data(nm, capabilities[nm], config) for nm in names if nm not in runs}
+    for nm in names:
         if nm in runs:
             loaded[nm] = load_run(runs[nm], want_groups=False)
             if config.run_samples is not None and loaded[nm].n_samples > config.run_samples:
                 loaded[nm] = loaded[nm].head(config.run_samples)
-            continue
+    lm = None
+    for nm, ds in data.items():
         if lm is None:
             if lm_factory is None:
                 raise CaplocError(f"capability {nm!r} needs localizing but no model was given")
             lm = lm_factory()
-        ds = load_dataset(capabilities[nm], n=config.n, seed=config.seed, target=config.target)
         log.info("crosscap: localizing %s (%d samples)", nm, len(ds))
         loaded[nm] = locate_run(lm, ds, cfg, out_dir / "runs" / nm, overwrite=overwrite)
-    return crosscap_from_runs(loaded, cfg, config.split, out_dir, notes)
+    return crosscap_from_runs({nm: loaded[nm] for nm in names}, cfg, config.split, out_dir, notes)
+
+
+FIELD_KEYS = ("prompt_field", "target_field", "group_field")
+
+
+def _capability_data(name: str, spec, config: CrossCapConfig):
+    """A capability's dataset from a spec string, or from ``{"data": spec, "prompt_field": ..., "target_field": ...,
+    "group_field": ...}`` (a user file's columns); errors name the capability."""
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"data", *FIELD_KEYS})
+        if "data" not in spec or unknown:
+            raise CaplocError(f"capability {name!r}: give {{data = SPEC, prompt_field = ..., target_field = ..., "
+                              f"group_field = ...}}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        kw = {k: spec[k] for k in FIELD_KEYS if spec.get(k) is not None}
+        spec = spec["data"]
+    else:
+        kw = {}
+    try:
+        return load_dataset(str(spec), n=config.n, seed=config.seed, target=config.target, **kw)
+    except CaplocError as e:
+        msg = str(e).replace("pass --prompt-field", "give its prompt_field").replace(
+            "pass --target-field", "give its target_field").replace("--prompt-field/--target-field",
+                                                                    "its prompt_field / target_field")
+        raise type(e)(f"capability {name!r}: {msg} (crosscap: --fields {name}:prompt=COL,target=COL)") from None
 
 
 __all__ = ["DEFAULT_CAPABILITIES", "CODE_FALLBACK", "default_capabilities", "CrossCapConfig", "CrossCapResult",
