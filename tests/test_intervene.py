@@ -198,7 +198,7 @@ def _data(tag, n=5):
     return Dataset(tag, [Sample(f"{tag} {i}: {'xy' * (i % 3)}?", f" {i * 7}", group=f"g{i % 2}") for i in range(n)])
 
 
-def test_run_intervention_end_to_end(tmp_path):
+def test_run_intervention_end_to_end(tmp_path, monkeypatch):
     lm = load_model("tiny:llama")
     snap = _snapshot(lm.model)
     ns = NeuronSet(np.array([[0, 1], [0, 9], [2, 4]]), lm.site.n_layers, lm.site.d_mlp, meta={"dataset": "on"})
@@ -232,7 +232,15 @@ def test_run_intervention_end_to_end(tmp_path):
     assert {"erase_beats_random", "enhance_beats_random", "specificity"} <= set(rep["claims"])
     for f in rep["figures"]:
         assert (tmp_path / f["file"]).stat().st_size > 1000
-    assert len(rep["figures"]) == 4
+    # two null histograms; no dose-response curve from two gains besides k = 1 (it needs three)
+    assert len(rep["figures"]) == 2 and not any("Dose" in f["title"] for f in rep["figures"])
+    from caploc.report import intervene as report_intervene
+
+    drawn = []
+    monkeypatch.setattr(report_intervene, "fig_dose_response", lambda r, lab, path: drawn.append(lab))
+    res.ks = [0.0, 0.5, 1.0, 3.0]  # three gains besides k = 1 -> a curve per dataset
+    report_intervene._figures(res, tmp_path)
+    assert drawn == ["on", "off"]
 
 
 def test_run_intervention_rejects_bad_input():

@@ -54,16 +54,22 @@ def fig_null_hist(res: Any, lab: str, k: float, path: Path) -> Path:
                           xlabel=f"ΔNLL / target token at k={k:g}", effect_label="neuron set")
 
 
+MIN_DOSE_GAINS = 3
+
+
 def _figures(res: Any, out_dir: Path) -> list[dict]:
     figs = []
     pk = res.primary_k
     for i, lab in enumerate(res.labels()):
         try:
-            fig_dose_response(res, lab, out_dir / f"fig_dose_{i}.png")
-            figs.append({"title": f"Dose-response: {lab}", "file": f"fig_dose_{i}.png",
-                         "caption": "ΔNLL/token vs gain k: the set (band: 95% paired bootstrap CI), the random "
-                                    "sets (mean; band: min-max) and the activation-matched control. k = 1 is the "
-                                    "untouched model (0 by definition)."})
+            # a curve needs >= 3 measured gains besides the untouched k = 1: with fewer it would be a straight line
+            # drawn through an interpolated band
+            if len({float(k) for k in res.ks} - {1.0}) >= MIN_DOSE_GAINS:
+                fig_dose_response(res, lab, out_dir / f"fig_dose_{i}.png")
+                figs.append({"title": f"Dose-response: {lab}", "file": f"fig_dose_{i}.png",
+                             "caption": "ΔNLL/token vs gain k: the set (band: 95% paired bootstrap CI), the random "
+                                        "sets (mean; band: min-max) and the activation-matched control. k = 1 is the "
+                                        "untouched model (0 by definition)."})
             if pk is not None:
                 fig_null_hist(res, lab, pk, out_dir / f"fig_null_{i}.png")
                 figs.append({"title": f"Random-set null: {lab}, k={pk:g}", "file": f"fig_null_{i}.png",
