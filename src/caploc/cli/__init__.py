@@ -11,6 +11,7 @@ from .app import app
 
 # each verb lives in its own module and registers itself on ``app``
 _VERB_MODULES = ["locate", "stability", "finetune", "report", "contrast", "audit", "evaluate", "intervene", "decouple", "reproduce"]
+_VERB_MODULES += ["faithfulness"]  # faithfulness, learn-mask, fidelity, stability-gap
 for _m in _VERB_MODULES:
     importlib.import_module(f"{__name__}.{_m}")
 

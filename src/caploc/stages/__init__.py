@@ -1,0 +1,1 @@
+"""Study stages (one module per verb)."""
