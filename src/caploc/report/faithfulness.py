@@ -9,7 +9,7 @@ import numpy as np
 
 from ..results import atomic_write_json
 from ..stages.faithfulness import FaithResult, auc, normalized
-from .figures import _ctx, _save
+from .figures import _ctx, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def figure(res: FaithResult, path: Path | str) -> Path:
                 if i == 0 and j == len(labs) - 1:
                     ax.legend(frameon=False, fontsize=6)
         fig.subplots_adjust(hspace=0.45, wspace=0.3, left=0.08, right=0.98, bottom=0.1, top=0.93)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(res: FaithResult, out_dir: Path | str) -> Path:

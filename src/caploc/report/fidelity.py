@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..results import atomic_write_json
-from .figures import _ctx, _save
+from .figures import _ctx, save_figure
 
 
 def _r(x, nd=3):
@@ -76,7 +76,7 @@ def stability_figure(rows: list[dict], path: Path | str) -> Path:
         ax.set_ylim(0, 1)
         ax.legend(frameon=False, fontsize=6, ncol=2)
         fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.95)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_stability_report(res: dict, out_dir: Path | str) -> Path:

@@ -30,6 +30,7 @@ import torch
 from ..evaluate import nll_sums
 # ---------------------------------------------------------------------------------------------------------------------
 from ..errors import CaplocError
+from ..progress import bar as progress_bar
 from ..hooks import neuron_hooks
 from ..results import NeuronSet, atomic_write_json, read_json
 from .masklearn import FILLS
@@ -306,8 +307,6 @@ def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, 
 
     ``means`` [L, d]: the fill of mean ablation (needed when a direction uses it). ``sets``: fixed neuron sets
     (e.g. thresholded CNL sets, the learned mask's set) measured as single points at their own size."""
-    from tqdm.auto import tqdm
-
     cfg = cfg or FaithConfig()
     site = lm.site
     n = site.n_layers * site.d_mlp
@@ -323,8 +322,7 @@ def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, 
     base = {lab: _nll(lm, enc, cfg.batch_size) for lab, enc, _ in datasets}
     nll, ablated, points = {}, {}, {}
     jobs = len(cfg.directions) * (len(allr) * len(ks) + len(sets or {}))
-    with tqdm(total=jobs, desc="faithfulness", unit="intervention", leave=False,
-              disable=(not progress) if progress is not None else None) as bar:
+    with progress_bar(jobs, "faithfulness", "intervention", progress) as bar:
         for d in cfg.directions:
             fill = means if cfg.fill_of(d) == "mean" else None
             keep = d == "keep"

@@ -25,6 +25,7 @@ from ..stability import StabilityConfig, split_pairs, summarize_pairs
 # ---------------------------------------------------------------------------------------------------------------------
 from .. import stats
 from ..errors import CaplocError
+from ..progress import track
 from ..localize import commonality, select
 from ..results import ScoreStore, atomic_write_json, read_json
 
@@ -183,14 +184,11 @@ def split_iou(scores: torch.Tensor, rule: str, sigma: float, min_freq: float, sc
 def stability_curve(scores: torch.Tensor, ns, *, rules=("sigma", "sigma_layer"), sigmas=(6.0,), min_freqs=(0.5,),
                     seeds: int = 5, progress: bool | None = None) -> list[dict]:
     """Split IoU for the first n samples of ``scores`` for every n in ``ns`` x rule x sigma x S (one row each)."""
-    from tqdm.auto import tqdm
-
     scfg = StabilityConfig(k=2, seeds=list(range(seeds)), kinds=["random"], null_draws=0, n_boot=500)
     ns = [int(n) for n in ns if 2 <= int(n) <= scores.shape[0]]
     jobs = [(n, r, s, f) for n in ns for r in rules for s in sigmas for f in min_freqs]
     rows = []
-    for n, r, s, f in tqdm(jobs, desc="stability curve", unit="point", leave=False,
-                           disable=(not progress) if progress is not None else None):
+    for n, r, s, f in track(jobs, desc="stability curve", unit="point", progress=progress):
         rows.append(split_iou(scores[:n], r, s, f, scfg))
     return rows
 

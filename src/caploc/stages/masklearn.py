@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CaplocError
+from ..progress import track
 from ..hooks import frozen, neuron_hooks
 from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
 
@@ -194,8 +195,6 @@ def learn_mask(lm, on_encoded, off_encoded, cfg: MaskConfig | None = None, *, fi
                progress: bool | None = None, meta: dict | None = None) -> MaskResult:
     """Train the mask (model weights frozen; they are bit-identical afterwards). ``fill``: [L, d] mean activations for
     ``cfg.fill == 'mean'`` (computed from ``off_encoded`` + ``on_encoded`` when None)."""
-    from tqdm.auto import tqdm
-
     cfg = cfg or MaskConfig()
     site = lm.site
     if not on_encoded:
@@ -212,8 +211,7 @@ def learn_mask(lm, on_encoded, off_encoded, cfg: MaskConfig | None = None, *, fi
     lm.model.eval()
     try:
         with frozen(lm.model), torch.enable_grad():
-            for step in tqdm(range(cfg.steps), desc="learned mask", unit="step", leave=False,
-                             disable=(not progress) if progress is not None else None):
+            for step in track(range(cfg.steps), desc="learned mask", unit="step", progress=progress):
                 on_b = [on_encoded[i] for i in rng.choice(len(on_encoded), min(cfg.batch_size, len(on_encoded)),
                                                           replace=False)]
                 off_b = ([off_encoded[i] for i in rng.choice(len(off_encoded), min(cfg.batch_size, len(off_encoded)),
