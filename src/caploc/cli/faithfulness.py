@@ -92,7 +92,7 @@ def faithfulness(
 
     from ..report.faithfulness import write_report
     from ..results import NeuronSet
-    from ..stages.faithfulness import FaithConfig, encoded_sets, faithfulness as run, rankings_from_scores
+    from ..stages.faithfulness import FaithConfig, encoded_sets, faithfulness as run_faithfulness, rankings_from_scores
     from ..stages.fidelity import load_partial
     from ..stages.masklearn import MaskResult, mean_activations
 
@@ -119,7 +119,7 @@ def faithfulness(
     means = None
     if "mean" in (erase_fill, keep_fill):
         means = mean_activations(lm, [e for _, enc, _ in datasets for e in enc])
-    res = run(lm, rankings, datasets, cfg, means=means, sets=sets, meta={"runs": used, "mask": str(mask) if mask else None,
+    res = run_faithfulness(lm, rankings, datasets, cfg, means=means, sets=sets, meta={"runs": used, "mask": str(mask) if mask else None,
               "data_seed": seed, "target": target, "mean_fill_from": "the held-out evaluation tokens (all datasets)"})
     res.save(out)
     write_report(res, out)

@@ -135,6 +135,9 @@ def encoded_sets(lm, specs: list[tuple[str, str]], n: int, seed: int, *, target:
     sample whose prompt is in ``exclude_prompts`` (e.g. the mask's training data)."""
     from ..data import encode_dataset, load_dataset
 
+    labels = [spec for spec, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise CaplocError(f"the evaluation data {labels} name one dataset twice; give each of --data / --off once")
     out = []
     for spec, role in specs:
         ds = load_dataset(spec, n=n + len(exclude_prompts), seed=seed, target=target)
