@@ -112,7 +112,7 @@ class LocateConfig:
 
     attribution: AttributionConfig = setting(default_factory=AttributionConfig, help="How neurons are scored.")
     rule: str = setting("sigma", help="Per-sample selection rule: sigma (Attr > mean + sigma*sd) | topk | kn "
-                        "(Attr > t*max).", choices=RULES)
+                        "(Attr > t*max) | sigma_layer (sigma within each layer).", choices=RULES)
     sigma: float = setting(6.0, help="sigma rule: keep Attr > mean + sigma*sd over the sample's neurons (paper: 6).",
                            min=0)
     topk: int = setting(50, help="topk rule: keep the k highest-scoring neurons of each sample.", min=1)
