@@ -3,7 +3,9 @@
 Per sample (pure functions over ``scores [N, n_neurons]``):
   * ``sigma``: Attr > mean + sigma * sd over all neurons of that sample (paper: sigma = 6);
   * ``topk``:  the k highest attributions of the sample;
-  * ``kn``:    Attr > t * max over the sample (knowledge neurons: t = 0.2).
+  * ``kn``:    Attr > t * max over the sample (knowledge neurons: t = 0.2);
+  * ``sigma_layer``: the sigma rule with each layer's scores standardized separately (Attr > mean_l + sigma * sd_l
+    within the neuron's layer l), so one layer whose attributions dwarf the others cannot take the whole set.
 Dataset level: a neuron is a commonality neuron if it is selected in at least S of the N samples. ``min_freq`` is a
 fraction (0 < x <= 1: S = ceil(x * N)) or an absolute count (an integer > 1). The paper used S = 19 of groups of 20.
 """
@@ -31,7 +33,7 @@ from .scorestore import ScoreStore
 
 log = logging.getLogger(__name__)
 
-RULES = ("sigma", "topk", "kn")
+RULES = ("sigma", "topk", "kn", "sigma_layer")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,7 +60,24 @@ def select_kn(scores: torch.Tensor, t: float) -> torch.Tensor:
     return scores > t * scores.max(1, keepdim=True).values
 
 
-def select(scores: torch.Tensor, rule: str, value: float) -> torch.Tensor:
+def select_sigma_layer(scores: torch.Tensor, sigma: float, n_layers: int) -> torch.Tensor:
+    """scores [N, n_layers * d] (layer-major) -> bool [N, n]: Attr > mean_l + sigma * sd_l, where mean_l and sd_l
+    (population) are taken over the neuron's own layer of the same sample."""
+    N, n = scores.shape
+    if n_layers < 1 or n % n_layers:
+        raise CaplocError(f"sigma_layer needs scores whose width {n} is a multiple of the layer count {n_layers}")
+    s = scores.double().reshape(N, n_layers, n // n_layers)
+    mu = s.mean(2, keepdim=True)
+    sd = s.std(2, keepdim=True, unbiased=False)
+    return (s > mu + sigma * sd).reshape(N, n)
+
+
+def select(scores: torch.Tensor, rule: str, value: float, n_layers: int | None = None) -> torch.Tensor:
+    """Per-sample selection of ``rule`` on flat scores [N, n]; ``sigma_layer`` also needs ``n_layers``."""
+    if rule == "sigma_layer":
+        if n_layers is None:
+            raise CaplocError("the sigma_layer rule needs the number of layers of the scores")
+        return select_sigma_layer(scores, value, n_layers)
     if rule == "sigma":
         return select_sigma(scores, value)
     if rule == "topk":
@@ -97,7 +116,7 @@ class LocateConfig:
 
     attribution: AttributionConfig = setting(default_factory=AttributionConfig, help="How neurons are scored.")
     rule: str = setting("sigma", help="Per-sample selection rule: sigma (Attr > mean + sigma*sd) | topk | kn "
-                        "(Attr > t*max).", choices=RULES)
+                        "(Attr > t*max) | sigma_layer (sigma within each layer).", choices=RULES)
     sigma: float = setting(6.0, help="sigma rule: keep Attr > mean + sigma*sd over the sample's neurons (paper: 6).",
                            min=0)
     topk: int = setting(50, help="topk rule: keep the k highest-scoring neurons of each sample.", min=1)
@@ -119,7 +138,7 @@ class LocateConfig:
 
     @property
     def rule_value(self) -> float:
-        return {"sigma": self.sigma, "topk": self.topk, "kn": self.kn_t}[self.rule]
+        return {"sigma": self.sigma, "topk": self.topk, "kn": self.kn_t, "sigma_layer": self.sigma}[self.rule]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -204,7 +223,7 @@ def neuron_set_from_scores(scores: torch.Tensor, cfg: LocateConfig, meta: dict) 
     """scores [N, L, d] -> the commonality neuron set under ``cfg``'s rule and frequency threshold."""
     N, L, d = scores.shape
     flat_scores = scores.reshape(N, L * d)
-    mask = select(flat_scores, cfg.rule, cfg.rule_value)
+    mask = select(flat_scores, cfg.rule, cfg.rule_value, n_layers=L)
     sel, counts = commonality(mask, cfg.min_freq)
     mean = flat_scores.double().mean(0).numpy()
     return NeuronSet.from_flat(

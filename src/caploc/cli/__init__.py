@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (imported for their commands)
     contrast,
     decouple,
     evaluate,
+    faithfulness,
     finetune,
     intervene,
     locate,

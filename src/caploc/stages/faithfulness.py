@@ -1,0 +1,354 @@
+"""Threshold-free faithfulness curves: how much of a capability does each localization method's top-k remove (or
+keep), over a log-spaced grid of budgets, next to random rankings.
+
+A *ranking* is a permutation of all ``n = n_layers * d_mlp`` flat neuron indices, most important first. For every
+budget k and ranking we intervene on the top k with hooks only and measure the teacher-forced NLL per target token
+on held-out on-target and off-target data:
+
+* ``erase``: ablate the top k (default zero ablation, the paper's erase);
+* ``keep``: ablate every neuron EXCEPT the top k (default mean ablation: each ablated neuron is set to its mean
+  activation over reference tokens; zero-ablating 99 % of all MLP neurons destroys any model, whichever k are kept).
+
+Normalization (as MIB, Mueller et al. 2025, relative to the untouched model M and the fully ablated model ∅ with the
+same fill): erase ``y(k) = (NLL(erase top k) - NLL(M)) / (NLL(∅) - NLL(M))`` (share of the full-ablation damage);
+keep ``y(k) = (NLL(∅) - NLL(keep top k)) / (NLL(∅) - NLL(M))`` (share of the model recovered). The area under the
+curve (AUC) is the trapezoidal integral of ``y`` over ``x = log(k / k_min) / log(k_max / k_min)`` in [0, 1], so a
+constant curve c has AUC c. Random rankings (uniform permutations, seeded) give the band.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
+from ..evaluate import nll_sums
+# ---------------------------------------------------------------------------------------------------------------------
+from ..errors import CaplocError
+from ..progress import bar as progress_bar
+from ..hooks import neuron_hooks
+from ..results import NeuronSet, atomic_write_json, read_json
+from .masklearn import FILLS
+
+log = logging.getLogger(__name__)
+
+NORMS = ("raw", "pooled", "layer_z", "layer_max")
+DIRECTIONS = ("erase", "keep")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rankings (pure)
+# ---------------------------------------------------------------------------------------------------------------------
+def normalize_scores(scores: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample normalization of scores [N, L, d] (float64 out).
+
+    ``raw``: unchanged; ``pooled``: z-score over all neurons of the sample (what the sigma rule thresholds);
+    ``layer_z``: z-score within each layer of the sample (the sigma_layer rule); ``layer_max``: divided by the
+    layer's largest |score| in the sample (a per-layer max normalization)."""
+    s = scores.double()
+    if norm == "raw":
+        return s
+    if norm == "pooled":
+        flat = s.reshape(s.shape[0], -1)
+        return ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True, unbiased=False).clamp_min(1e-30)
+                ).reshape(s.shape)
+    if norm == "layer_z":
+        return (s - s.mean(2, keepdim=True)) / s.std(2, keepdim=True, unbiased=False).clamp_min(1e-30)
+    if norm == "layer_max":
+        return s / s.abs().amax(2, keepdim=True).clamp_min(1e-30)
+    raise CaplocError(f"unknown score normalization {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+def rank_by(primary: np.ndarray, *secondary: np.ndarray) -> np.ndarray:
+    """All indices sorted by ``primary`` descending, ties by ``secondary`` keys descending, then by index."""
+    keys = [np.arange(primary.size)] + [-np.asarray(s, dtype=np.float64) for s in reversed(secondary)]
+    return np.lexsort(keys + [-np.asarray(primary, dtype=np.float64)]).astype(np.int64)
+
+
+def score_ranking(scores: torch.Tensor, norm: str = "pooled") -> np.ndarray:
+    """Ranking by the dataset-level score: the mean over samples of the normalized per-sample scores."""
+    return rank_by(normalize_scores(scores, norm).mean(0).reshape(-1).numpy())
+
+
+def frequency_ranking(scores: torch.Tensor, sigma: float = 6.0, norm: str = "pooled") -> np.ndarray:
+    """The commonality rule made threshold-free: neurons ordered by how many samples select them under the sigma
+    rule on ``norm``-normalized scores (``pooled`` = the paper's sigma rule, ``layer_z`` = sigma_layer), ties by the
+    mean normalized score."""
+    z = normalize_scores(scores, "pooled" if norm == "raw" else norm)
+    counts = (z > sigma).sum(0).reshape(-1).double().numpy()
+    return rank_by(counts, z.mean(0).reshape(-1).numpy())
+
+
+def random_rankings(n: int, n_rankings: int, seed: int) -> list[np.ndarray]:
+    """``n_rankings`` uniform random permutations of ``n`` neurons (seeds seed .. seed + n_rankings - 1)."""
+    return [np.random.default_rng(seed + i).permutation(n).astype(np.int64) for i in range(n_rankings)]
+
+
+def budget_grid(n: int, lo: float = 5e-5, hi: float = 0.02, points: int = 10) -> np.ndarray:
+    """Log-spaced budgets k (distinct integers >= 1) from ``lo * n`` to ``hi * n`` neurons."""
+    if not 0 < lo <= hi <= 1 or points < 2:
+        raise CaplocError(f"budgets need 0 < lo <= hi <= 1 and >= 2 points, got lo={lo}, hi={hi}, points={points}")
+    ks = np.unique(np.maximum(1, np.round(np.geomspace(lo * n, hi * n, points))).astype(np.int64))
+    if ks.size < 2:
+        raise CaplocError(f"the budget range {lo}..{hi} of {n} neurons gives fewer than 2 distinct budgets")
+    return ks
+
+
+def auc(ks, y) -> float:
+    """Trapezoidal area under ``y`` over ``x = log(k / k_min) / log(k_max / k_min)`` (a constant c gives c)."""
+    ks = np.asarray(ks, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if ks.size < 2 or ks.size != y.size or np.any(np.diff(ks) <= 0):
+        raise CaplocError("auc needs >= 2 increasing budgets and one value per budget")
+    x = np.log(ks / ks[0]) / math.log(ks[-1] / ks[0])
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+
+
+def normalized(direction: str, nll: np.ndarray, base: float, ablated: float) -> np.ndarray:
+    """MIB-style normalization of NLLs (see the module docstring)."""
+    den = ablated - base
+    if abs(den) < 1e-12:
+        return np.full(np.shape(nll), np.nan)
+    return (np.asarray(nll) - base) / den if direction == "erase" else (ablated - np.asarray(nll)) / den
+
+
+def rankings_from_scores(name: str, scores: torch.Tensor, norms=("pooled", "layer_z"), freq: bool = True,
+                         sigma: float = 6.0) -> dict[str, np.ndarray]:
+    """The rankings of one scorer's per-sample scores [N, L, d]: ``<name>:<norm>`` (mean normalized score) for each
+    norm and, with ``freq``, ``<name>:cnl`` / ``<name>:cnl_layer`` (selection frequency under the pooled / per-layer
+    sigma rule: the commonality rule with its threshold S swept)."""
+    out = {f"{name}:{nm}": score_ranking(scores, nm) for nm in norms}
+    if freq:
+        out[f"{name}:cnl"] = frequency_ranking(scores, sigma, "pooled")
+        out[f"{name}:cnl_layer"] = frequency_ranking(scores, sigma, "layer_z")
+    return out
+
+
+def encoded_sets(lm, specs: list[tuple[str, str]], n: int, seed: int, *, target: str = "cot",
+                 exclude_prompts=frozenset()) -> list[tuple[str, list, str]]:
+    """[(label, encoded, role)] for ``specs`` = [(spec, role)]: ``n`` samples of each (seed ``seed``), dropping any
+    sample whose prompt is in ``exclude_prompts`` (e.g. the mask's training data)."""
+    from ..data import encode_dataset, load_dataset
+
+    labels = [spec for spec, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise CaplocError(f"the evaluation data {labels} name one dataset twice; give each of --data / --off once")
+    out = []
+    for spec, role in specs:
+        ds = load_dataset(spec, n=n + len(exclude_prompts), seed=seed, target=target)
+        keep = [i for i, s in enumerate(ds) if s.prompt not in exclude_prompts][:n]
+        if not keep:
+            raise CaplocError(f"no held-out samples of {spec} left after excluding the training prompts")
+        ds = ds.subset(keep, name=f"{ds.name}[seed {seed}]")
+        max_len = getattr(lm.model.config, "max_position_embeddings", None)
+        out.append((spec, encode_dataset(lm.tokenizer, ds, max_length=max_len), role))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the intervention: ablate a set (or its complement) with a fill
+# ---------------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ablate(site, flat, fill: torch.Tensor | None = None, *, complement: bool = False):
+    """Set the neurons ``flat`` (or, with ``complement``, all others) to ``fill[l, i]`` (None: 0) at every position.
+    Hooks only; an empty ablated set installs nothing."""
+    n = site.n_layers * site.d_mlp
+    chosen = torch.zeros(n, dtype=torch.bool)
+    flat = torch.as_tensor(np.asarray(flat, dtype=np.int64))
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
+        raise CaplocError(f"neuron index outside 0..{n - 1}")
+    chosen[flat] = True
+    drop = (~chosen if complement else chosen).reshape(site.n_layers, site.d_mlp)
+    layers = [l for l in range(site.n_layers) if bool(drop[l].any())]
+
+    def fn(layer, x):
+        m = drop[layer].to(x.device)
+        v = torch.zeros((), dtype=x.dtype, device=x.device) if fill is None else fill[layer].to(x.device, x.dtype)
+        return torch.where(m, v, x)
+
+    with neuron_hooks(site, {l: fn for l in layers}):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the curves
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class FaithConfig:
+    lo: float = 5e-5  # smallest budget, share of all MLP neurons
+    hi: float = 0.02
+    points: int = 10
+    n_random: int = 20
+    seed: int = 0
+    directions: tuple = DIRECTIONS
+    erase_fill: str = "zero"
+    keep_fill: str = "mean"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        self.directions = tuple(self.directions)
+        bad = [d for d in self.directions if d not in DIRECTIONS]
+        if bad or not self.directions:
+            raise CaplocError(f"unknown direction(s) {bad or self.directions}; choose from {', '.join(DIRECTIONS)}")
+        for f in (self.erase_fill, self.keep_fill):
+            if f not in FILLS:
+                raise CaplocError(f"unknown ablation fill {f!r}; choose one of {', '.join(FILLS)}")
+        if self.n_random < 0:
+            raise CaplocError("n_random must be >= 0")
+
+    def fill_of(self, direction: str) -> str:
+        return self.erase_fill if direction == "erase" else self.keep_fill
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["directions"] = list(self.directions)
+        return d
+
+
+@dataclass
+class FaithResult:
+    """``nll[direction][label][method]``: NLL per target token at each budget ``ks`` (random rankings are methods
+    ``random:<i>``); ``points[direction][label][name]``: (k, NLL) of fixed sets; ``base[label]``, ``ablated[direction]
+    [label]``: the untouched and the fully ablated model."""
+
+    ks: np.ndarray
+    n_neurons: int
+    nll: dict
+    base: dict
+    ablated: dict
+    points: dict = field(default_factory=dict)
+    roles: dict = field(default_factory=dict)  # label -> on | off
+    meta: dict = field(default_factory=dict)
+
+    def methods(self) -> list[str]:
+        d = next(iter(self.nll.values()))
+        return [m for m in next(iter(d.values())) if not m.startswith("random:")]
+
+    def randoms(self) -> list[str]:
+        d = next(iter(self.nll.values()))
+        return [m for m in next(iter(d.values())) if m.startswith("random:")]
+
+    def curve(self, direction: str, label: str, method: str) -> np.ndarray:
+        return normalized(direction, np.asarray(self.nll[direction][label][method]), self.base[label],
+                          self.ablated[direction][label])
+
+    def area(self, direction: str, label: str, method: str) -> float:
+        return auc(self.ks, self.curve(direction, label, method))
+
+    def random_band(self, direction: str, label: str, q=(5, 95)) -> dict:
+        """Per budget: mean and percentiles of the random rankings' normalized curves, and their AUCs."""
+        rs = self.randoms()
+        if not rs:
+            return {}
+        Y = np.stack([self.curve(direction, label, r) for r in rs])
+        aucs = np.array([auc(self.ks, y) for y in Y])
+        return {"mean": Y.mean(0), "lo": np.percentile(Y, q[0], axis=0), "hi": np.percentile(Y, q[1], axis=0),
+                "auc": aucs, "q": list(q)}
+
+    def summary_rows(self) -> list[dict]:
+        """One row per direction x dataset x method: AUC, the random AUCs (mean, sd, max) and the method's rank."""
+        rows = []
+        for d in self.nll:
+            for lab in self.nll[d]:
+                band = self.random_band(d, lab)
+                ra = band.get("auc", np.zeros(0))
+                for m in self.methods():
+                    a = self.area(d, lab, m)
+                    rows.append({
+                        "direction": d, "dataset": lab, "role": self.roles.get(lab), "method": m, "auc": a,
+                        "random_auc_mean": float(ra.mean()) if ra.size else None,
+                        "random_auc_sd": float(ra.std(ddof=1)) if ra.size > 1 else None,
+                        "random_auc_max": float(ra.max()) if ra.size else None,
+                        "z_vs_random": float((a - ra.mean()) / ra.std(ddof=1)) if ra.size > 1 and ra.std() > 0 else None,
+                        "share_random_ge": float((ra >= a).mean()) if ra.size else None,
+                        "nll_at_max_budget": float(self.nll[d][lab][m][-1]), "base_nll": self.base[lab],
+                    })
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"kind": "faithfulness", "ks": self.ks.tolist(), "n_neurons": self.n_neurons, "nll": _lists(self.nll),
+                "base": self.base, "ablated": self.ablated, "points": _lists(self.points), "roles": self.roles,
+                "meta": self.meta}
+
+    def save(self, out_dir: Path | str) -> Path:
+        out_dir = Path(out_dir)
+        atomic_write_json(out_dir / "faithfulness.json", self.to_dict())
+        return out_dir / "faithfulness.json"
+
+    @classmethod
+    def load(cls, out_dir: Path | str) -> "FaithResult":
+        js = read_json(Path(out_dir) / "faithfulness.json")
+        if js.get("kind") != "faithfulness":
+            raise CaplocError(f"{out_dir} is not a caploc faithfulness directory")
+        return cls(np.asarray(js["ks"], dtype=np.int64), int(js["n_neurons"]), js["nll"], js["base"], js["ablated"],
+                   js.get("points", {}), js.get("roles", {}), js.get("meta", {}))
+
+
+def _lists(d):
+    if isinstance(d, dict):
+        return {k: _lists(v) for k, v in d.items()}
+    if isinstance(d, np.ndarray):
+        return d.tolist()
+    return d
+
+
+def _nll(lm, encoded, batch_size: int) -> float:
+    sums, counts = nll_sums(lm, encoded, batch_size=batch_size, progress=False)
+    return float(sums.sum() / counts.sum())
+
+
+def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, list, str]],
+                 cfg: FaithConfig | None = None, *, means: torch.Tensor | None = None,
+                 sets: dict[str, NeuronSet] | None = None, progress: bool | None = None,
+                 meta: dict | None = None) -> FaithResult:
+    """Curves for every ranking (plus ``cfg.n_random`` random ones) on ``datasets`` = [(label, encoded, role)].
+
+    ``means`` [L, d]: the fill of mean ablation (needed when a direction uses it). ``sets``: fixed neuron sets
+    (e.g. thresholded CNL sets, the learned mask's set) measured as single points at their own size."""
+    cfg = cfg or FaithConfig()
+    site = lm.site
+    n = site.n_layers * site.d_mlp
+    for name, r in rankings.items():
+        if np.asarray(r).shape != (n,) or np.unique(r).size != n:
+            raise CaplocError(f"ranking {name!r} is not a permutation of the model's {n} MLP neurons")
+    if any(cfg.fill_of(d) == "mean" for d in cfg.directions) and means is None:
+        raise CaplocError("mean ablation needs the neurons' mean activations (means)")
+    ks = budget_grid(n, cfg.lo, cfg.hi, cfg.points)
+    allr = dict(rankings)
+    for i, r in enumerate(random_rankings(n, cfg.n_random, cfg.seed)):
+        allr[f"random:{i}"] = r
+    base = {lab: _nll(lm, enc, cfg.batch_size) for lab, enc, _ in datasets}
+    nll, ablated, points = {}, {}, {}
+    jobs = len(cfg.directions) * (len(allr) * len(ks) + len(sets or {}))
+    with progress_bar(jobs, "faithfulness", "intervention", progress) as bar:
+        for d in cfg.directions:
+            fill = means if cfg.fill_of(d) == "mean" else None
+            keep = d == "keep"
+            with ablate(site, np.arange(n), fill):
+                ablated[d] = {lab: _nll(lm, enc, cfg.batch_size) for lab, enc, _ in datasets}
+            nll[d] = {lab: {} for lab, _, _ in datasets}
+            for name, r in allr.items():
+                for lab, _, _ in datasets:
+                    nll[d][lab][name] = []
+                for k in ks:
+                    with ablate(site, r[:k], fill, complement=keep):
+                        for lab, enc, _ in datasets:
+                            nll[d][lab][name].append(_nll(lm, enc, cfg.batch_size))
+                    bar.update(1)
+            points[d] = {lab: {} for lab, _, _ in datasets}
+            for name, s in (sets or {}).items():
+                s.check_compatible(site)
+                with ablate(site, s.flat, fill, complement=keep):
+                    for lab, enc, _ in datasets:
+                        points[d][lab][name] = [len(s), _nll(lm, enc, cfg.batch_size)]
+                bar.update(1)
+            log.info("faithfulness: %s done", d)
+    info = {"config": cfg.to_dict(), "model_id": lm.info.get("model_id"),
+            "model_fingerprint": lm.info.get("fingerprint"), "n_samples": {lab: len(enc) for lab, enc, _ in datasets},
+            "n_target_tokens": {lab: int(sum(e.target_len for e in enc)) for lab, enc, _ in datasets}, **(meta or {})}
+    return FaithResult(ks, n, nll, base, ablated, points, {lab: role for lab, _, role in datasets}, info)
