@@ -8,7 +8,7 @@ import torch
 from caploc.errors import CaplocError
 from caploc.localize import LocateConfig, neuron_set_from_scores
 from caploc.results import ScoreStore
-from caploc.stability import split_indices
+from caploc.stability import StabilityConfig, split_indices
 from caploc.stages.fidelity import (
     align,
     average_ranks,
@@ -21,7 +21,6 @@ from caploc.stages.fidelity import (
     split_iou,
     stability_curve,
 )
-from caploc.stability import StabilityConfig
 
 
 def _ranks_ref(x):

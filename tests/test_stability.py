@@ -338,3 +338,18 @@ def test_crosscap_own_files_with_field_mapping_and_early_errors(tmp_path, capsys
     assert rc == 0
     res = _json.loads((out / "crosscap.json").read_text())
     assert set(res["names"]) == {"sent", "tr"}
+
+
+def test_per_layer_sigma_runs_through_stability_and_sweep(tmp_path):
+    from caploc.cli import main
+
+    loc = tmp_path / "loc"
+    assert main(["locate", "--model", "tiny:llama", "--data", "facts", "--n", "8", "--method", "grad_x_act",
+                 "--rule", "sigma_layer", "--sigma", "1", "--min-freq", "0.25", "--cards", "0", "--out", str(loc)]) == 0
+    assert main(["stability", "--run", str(loc), "--k", "2", "--seeds", "2", "--out", str(tmp_path / "st")]) == 0
+    assert main(["sweep", "--run", str(loc), "--sigmas", "1,2", "--min-freqs", "0.25", "--topks", "5",
+                 "--out", str(tmp_path / "sw")]) == 0
+    import json as _json
+
+    st = _json.loads((tmp_path / "st" / "stability.json").read_text())
+    assert st["locate_config"]["rule"] == "sigma_layer"

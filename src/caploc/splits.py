@@ -90,7 +90,7 @@ def rule_config(base: LocateConfig, rule: str | None = None, value: float | None
         kw["rule"] = rule
     r = kw.get("rule", base.rule)
     if value is not None:
-        kw[{"sigma": "sigma", "topk": "topk", "kn": "kn_t"}[r]] = int(value) if r == "topk" else float(value)
+        kw[{"sigma": "sigma", "sigma_layer": "sigma", "topk": "topk", "kn": "kn_t"}[r]] = int(value) if r == "topk" else float(value)
     if min_freq is not None:
         kw["min_freq"] = float(min_freq)
     return dataclasses.replace(base, **kw)
@@ -99,7 +99,7 @@ def rule_config(base: LocateConfig, rule: str | None = None, value: float | None
 def selection_masks(scores: torch.Tensor, cfg: LocateConfig) -> torch.Tensor:
     """scores [N, L, d] -> bool [N, L*d]: the per-sample selection of ``cfg``'s rule (independent across samples)."""
     N = scores.shape[0]
-    return select(scores.reshape(N, -1), cfg.rule, cfg.rule_value)
+    return select(scores.reshape(N, -1), cfg.rule, cfg.rule_value, n_layers=scores.shape[1])
 
 
 def set_from_mask(mask: torch.Tensor, min_freq: float, indices=None) -> np.ndarray:

@@ -92,7 +92,8 @@ def faithfulness(
 
     from ..report.faithfulness import write_report
     from ..results import NeuronSet
-    from ..stages.faithfulness import FaithConfig, encoded_sets, faithfulness as run_faithfulness, rankings_from_scores
+    from ..stages.faithfulness import FaithConfig, encoded_sets, rankings_from_scores
+    from ..stages.faithfulness import faithfulness as run_faithfulness
     from ..stages.fidelity import load_partial
     from ..stages.masklearn import MaskResult, mean_activations
 
@@ -145,7 +146,8 @@ def fidelity(
 ):
     """Per-sample agreement of scorers with a reference (Spearman, sigma-set and top-k Jaccard, commonality IoU)."""
     from ..report.fidelity import write_fidelity_report
-    from ..stages.fidelity import fidelity as fid, save_json
+    from ..stages.fidelity import fidelity as fid
+    from ..stages.fidelity import save_json
 
     res = fid(_named(run, "run"), reference, sigma=sigma, min_freq=min_freq, topk=topk)
     save_json(res, out / "fidelity.json")

@@ -77,7 +77,7 @@ def fmt_ci(m, lo, hi, nd: int = 3) -> str:
 def rule_value(locate_config: dict):
     """The threshold of the selection rule recorded in a locate config dict (sigma, top-k or kn_t)."""
     lc = locate_config
-    return {"sigma": lc.get("sigma"), "topk": lc.get("topk"), "kn": lc.get("kn_t")}[lc["rule"]]
+    return {"sigma": lc.get("sigma"), "sigma_layer": lc.get("sigma"), "topk": lc.get("topk"), "kn": lc.get("kn_t")}[lc["rule"]]
 
 
 __all__ = ["num", "as_float", "json_safe", "fmt", "rnd", "ci", "fmt_ci", "rule_value"]

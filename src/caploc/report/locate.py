@@ -34,7 +34,8 @@ def _describe_rule(meta: dict) -> str:
     rule, val = meta.get("rule"), meta.get("rule_value")
     if rule is None:
         return "unknown"
-    return {"sigma": f"sigma: Attr > mean + {val:g} sd", "topk": f"topk: top {int(val)} per sample",
+    return {"sigma": f"sigma: Attr > mean + {val:g} sd", "sigma_layer": f"sigma per layer: Attr > mean_l + {val:g} sd_l",
+            "topk": f"topk: top {int(val)} per sample",
             "kn": f"kn: Attr > {val:g} x max"}.get(rule, f"{rule} = {val}")
 
 

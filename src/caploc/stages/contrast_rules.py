@@ -314,8 +314,10 @@ def _flat(scores: torch.Tensor) -> torch.Tensor:
 
 
 def selection_counts(scores: torch.Tensor, lcfg: LocateConfig) -> np.ndarray:
-    """scores [N, L, d] or [N, n] -> per-neuron selection counts [n] under the locate per-sample rule."""
-    return select(_flat(scores), lcfg.rule, lcfg.rule_value).sum(0).numpy().astype(np.int64)
+    """scores [N, L, d] or [N, n] -> per-neuron selection counts [n] under the locate per-sample rule
+    (``sigma_layer`` needs the [N, L, d] form)."""
+    n_layers = scores.shape[1] if scores.dim() == 3 else None
+    return select(_flat(scores), lcfg.rule, lcfg.rule_value, n_layers=n_layers).sum(0).numpy().astype(np.int64)
 
 
 def normalise_scores(scores: torch.Tensor, norm: str = "z") -> torch.Tensor:

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
-from ..evaluate import nll_sums
 # ---------------------------------------------------------------------------------------------------------------------
 from ..errors import CaplocError
-from ..progress import bar as progress_bar
+
+# --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
+from ..evaluate import nll_sums
 from ..hooks import neuron_hooks
+from ..progress import bar as progress_bar
 from ..results import NeuronSet, atomic_write_json, read_json
 from .masklearn import FILLS
 

@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-# --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
-from ..stability import StabilityConfig, split_pairs, summarize_pairs
 # ---------------------------------------------------------------------------------------------------------------------
 from .. import stats
 from ..errors import CaplocError
-from ..progress import track
 from ..localize import commonality, select
+from ..progress import track
 from ..results import ScoreStore, atomic_write_json, read_json
+
+# --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
+from ..stability import StabilityConfig, split_pairs, summarize_pairs
 
 log = logging.getLogger(__name__)
 

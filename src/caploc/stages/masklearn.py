@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import CaplocError
-from ..progress import track
 from ..hooks import frozen, neuron_hooks
+from ..progress import track
 from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
