@@ -7,8 +7,8 @@ import torch
 
 from caploc.errors import CaplocError
 from caploc.localize import LocateConfig, neuron_set_from_scores
-from caploc.results import ScoreStore
-from caploc.stability import StabilityConfig, split_indices
+from caploc.scorestore import ScoreStore
+from caploc.splits import StabilityConfig, split_indices
 from caploc.stages.fidelity import (
     align,
     average_ranks,

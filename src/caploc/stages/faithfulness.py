@@ -28,10 +28,10 @@ import torch
 
 # ---------------------------------------------------------------------------------------------------------------------
 from ..errors import CaplocError
+from ..hooks import neuron_hooks
 
 # --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
-from ..evaluate import nll_sums
-from ..hooks import neuron_hooks
+from ..measure import nll_sums
 from ..progress import bar as progress_bar
 from ..results import NeuronSet, atomic_write_json, read_json
 from .masklearn import FILLS

@@ -25,10 +25,11 @@ from .. import stats
 from ..errors import CaplocError
 from ..localize import commonality, select
 from ..progress import track
-from ..results import ScoreStore, atomic_write_json, read_json
+from ..results import atomic_write_json, read_json
+from ..scorestore import ScoreStore
 
 # --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
-from ..stability import StabilityConfig, split_pairs, summarize_pairs
+from ..splits import StabilityConfig, split_pairs, summarize_pairs
 
 log = logging.getLogger(__name__)
 
