@@ -197,3 +197,16 @@ def test_bad_input_is_one_line(argv, words, paths, tmp_path, capsys):
 def test_there_are_enough_cases():
     assert len(CASES) >= 60
     assert len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_every_option_of_every_verb_has_help():
+    import typer.main
+
+    from caploc.cli import app
+
+    cmd = typer.main.get_command(app)
+    missing = [f"{name} --{p.name}" for name, sub in cmd.commands.items() for p in sub.params
+               if getattr(p, "param_type_name", "") == "option" and p.name != "help"
+               and not (getattr(p, "help", None) or "").strip()]
+    assert missing == []
+    assert len(cmd.commands) >= 18

@@ -21,6 +21,9 @@ from . import (  # noqa: F401  (imported for their commands)
     stability,
 )
 from .app import app, run
+from .options import fill_missing_help
+
+fill_missing_help(app)
 
 __all__ = ["app", "main"]
 

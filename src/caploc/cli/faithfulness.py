@@ -8,7 +8,10 @@ from typing import List, Optional
 import typer
 
 from ..errors import CaplocError
+from ..stages.faithfulness import FaithConfig
+from ..stages.masklearn import MaskConfig
 from .app import app, console, load_model_from_opts
+from .options import opt
 
 
 def _named(items: list[str] | None, what: str) -> dict[str, Path]:
@@ -32,18 +35,16 @@ def learn_mask_cmd(
     model: str = typer.Option("smollm2-135m"), data: str = typer.Option("gsm_symbolic", help="On-target data."),
     off: str = typer.Option("facts", help="Comma-separated reference (off-target) data to spare."),
     n: int = typer.Option(16, "--n", help="Training samples per dataset."), seed: int = typer.Option(2),
-    target: str = typer.Option("cot"), steps: int = typer.Option(150), lr: float = typer.Option(0.1),
-    lam: float = typer.Option(1e-3, help="Cost of one removed neuron (nats/token)."),
-    beta: float = typer.Option(1.0, help="Weight of the off-target loss."),
-    fill: str = typer.Option("zero", help="zero | mean ablation under the mask."),
-    batch_size: int = typer.Option(4), dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    target: str = typer.Option("cot"), steps: int = opt(MaskConfig, "steps"), lr: float = opt(MaskConfig, "lr"),
+    lam: float = opt(MaskConfig, "lam"), beta: float = opt(MaskConfig, "beta"), fill: str = opt(MaskConfig, "fill"),
+    batch_size: int = opt(MaskConfig, "batch_size"), dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("runs/mask"), help="Output directory."),
 ):
     """Learn a continuous removal mask over MLP neurons (weights frozen); save its set as a neuron set."""
     import logging
 
     from ..data import encode_dataset, load_dataset
-    from ..stages.masklearn import MaskConfig, learn_mask
+    from ..stages.masklearn import learn_mask
 
     cfg = MaskConfig(steps=steps, lr=lr, lam=lam, beta=beta, fill=fill, batch_size=batch_size, seed=seed)
     lm = load_model_from_opts(model, dtype, device, None, None)
@@ -79,11 +80,10 @@ def faithfulness(
     off: str = typer.Option("facts", help="Comma-separated held-out off-target data."),
     n: int = typer.Option(16, "--n", help="Held-out samples per dataset."), seed: int = typer.Option(1),
     target: str = typer.Option("cot"),
-    lo: float = typer.Option(5e-5, help="Smallest budget (share of MLP neurons)."),
-    hi: float = typer.Option(0.02, help="Largest budget."), points: int = typer.Option(10),
-    n_random: int = typer.Option(20, help="Random rankings for the band."),
-    directions: str = typer.Option("erase,keep"), erase_fill: str = typer.Option("zero"),
-    keep_fill: str = typer.Option("mean"), batch_size: int = typer.Option(8),
+    lo: float = opt(FaithConfig, "lo"), hi: float = opt(FaithConfig, "hi"), points: int = opt(FaithConfig, "points"),
+    n_random: int = opt(FaithConfig, "n_random"), directions: str = opt(FaithConfig, "directions"),
+    erase_fill: str = opt(FaithConfig, "erase_fill"), keep_fill: str = opt(FaithConfig, "keep_fill"),
+    batch_size: int = opt(FaithConfig, "batch_size"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("runs/faithfulness")),
 ):
@@ -92,7 +92,7 @@ def faithfulness(
 
     from ..report.faithfulness import write_report
     from ..results import NeuronSet
-    from ..stages.faithfulness import FaithConfig, encoded_sets, rankings_from_scores
+    from ..stages.faithfulness import encoded_sets, rankings_from_scores
     from ..stages.faithfulness import faithfulness as run_faithfulness
     from ..stages.fidelity import load_partial
     from ..stages.masklearn import MaskResult, mean_activations

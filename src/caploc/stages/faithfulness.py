@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 # ---------------------------------------------------------------------------------------------------------------------
+from ..config import check, setting
 from ..errors import CaplocError
 from ..hooks import neuron_hooks
 
@@ -181,26 +182,24 @@ def ablate(site, flat, fill: torch.Tensor | None = None, *, complement: bool = F
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class FaithConfig:
-    lo: float = 5e-5  # smallest budget, share of all MLP neurons
-    hi: float = 0.02
-    points: int = 10
-    n_random: int = 20
-    seed: int = 0
-    directions: tuple = DIRECTIONS
-    erase_fill: str = "zero"
-    keep_fill: str = "mean"
-    batch_size: int = 8
+    lo: float = setting(5e-5, min=0, min_exclusive=True, max=1, help="Smallest budget (share of all MLP neurons).")
+    hi: float = setting(0.02, min=0, min_exclusive=True, max=1, help="Largest budget (share of all MLP neurons).")
+    points: int = setting(10, min=2, help="Log-spaced budgets between lo and hi.")
+    n_random: int = setting(20, min=0, help="Random rankings for the band.")
+    seed: int = setting(0, help="Seed of the random rankings.")
+    directions: tuple = setting(DIRECTIONS, choices=DIRECTIONS, item=str,
+                                help="erase (remove the top-k) and/or keep (keep only the top-k).")
+    erase_fill: str = setting("zero", choices=FILLS, help="What an erased neuron is set to: zero | mean.")
+    keep_fill: str = setting("mean", choices=FILLS, help="What the neurons outside the kept top-k are set to.")
+    batch_size: int = setting(8, min=1, help="Samples per forward pass.")
 
     def __post_init__(self):
         self.directions = tuple(self.directions)
-        bad = [d for d in self.directions if d not in DIRECTIONS]
-        if bad or not self.directions:
-            raise CaplocError(f"unknown direction(s) {bad or self.directions}; choose from {', '.join(DIRECTIONS)}")
-        for f in (self.erase_fill, self.keep_fill):
-            if f not in FILLS:
-                raise CaplocError(f"unknown ablation fill {f!r}; choose one of {', '.join(FILLS)}")
-        if self.n_random < 0:
-            raise CaplocError("n_random must be >= 0")
+        check(self)
+        if not self.directions:
+            raise CaplocError(f"directions must name at least one of {', '.join(DIRECTIONS)}")
+        if self.lo >= self.hi:
+            raise CaplocError(f"the smallest budget lo={self.lo} must be below the largest hi={self.hi}")
 
     def fill_of(self, direction: str) -> str:
         return self.erase_fill if direction == "erase" else self.keep_fill

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import check, setting
 from ..errors import CaplocError
 from ..hooks import frozen, neuron_hooks
 from ..progress import track
@@ -115,20 +116,17 @@ def soft_mask(site, keep: torch.Tensor, fill: torch.Tensor | None = None):
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class MaskConfig:
-    steps: int = 150
-    lr: float = 0.1
-    init: float = 4.0  # initial logit: keep = sigmoid(4) = 0.982
-    beta: float = 1.0  # weight of the off-target (sparing) term
-    lam: float = 1e-3  # cost of one removed neuron, nats per target token
-    fill: str = "zero"
-    batch_size: int = 4
-    seed: int = 0
+    steps: int = setting(150, min=0, help="Optimizer steps of the mask.")
+    lr: float = setting(0.1, min=0, min_exclusive=True, help="Adam learning rate of the mask logits.")
+    init: float = setting(4.0, help="Initial logit (keep = sigmoid(4) = 0.982).")
+    beta: float = setting(1.0, min=0, help="Weight of the off-target (sparing) loss.")
+    lam: float = setting(1e-3, min=0, help="Cost of one removed neuron (nats per target token).")
+    fill: str = setting("zero", choices=FILLS, help="What a removed neuron is set to: zero | mean activation.")
+    batch_size: int = setting(4, min=1, help="Samples per step and dataset.")
+    seed: int = setting(0, help="Seed of the batch order.")
 
     def __post_init__(self):
-        if self.fill not in FILLS:
-            raise CaplocError(f"unknown mask fill {self.fill!r}; choose one of {', '.join(FILLS)}")
-        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1 or self.beta < 0 or self.lam < 0:
-            raise CaplocError("mask training needs steps >= 0, lr > 0, batch_size >= 1, beta >= 0 and lam >= 0")
+        check(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
