@@ -130,6 +130,13 @@ def load_model_from_opts(model: str, dtype: str, device: str, device_map: str | 
         return load_model(model, dtype=dtype, device=device, device_map=device_map, layout=layout)
 
 
+def print_table(t) -> None:
+    """Print a rich table with every column wrapping instead of cutting text ("…sentiment.csv:heldo…")."""
+    for c in t.columns:
+        c.overflow = "fold"
+    console.print(t)
+
+
 def print_cards(cards) -> None:
     """The top neurons: (layer, index), frequency, mean score and the context where each fires most."""
     from rich.table import Table
@@ -148,7 +155,7 @@ def print_cards(cards) -> None:
         freq = "" if c.frequency is None else f"{c.frequency:.2f}"
         score = "" if c.mean_score is None else f"{c.mean_score:.3g}"
         t.add_row(f"L{c.layer}:{c.index}", freq, score, ctx)
-    console.print(t)
+    print_table(t)
 
 
 def print_neuron_summary(ns, title: str) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..stages.audit.config import AuditConfig, CircuitConfig, KNConfig, TracingConfig
-from .app import app, console, load_model_from_opts, parse_layers
+from .app import app, console, load_model_from_opts, parse_layers, print_table
 from .options import opt, split_list
 
 A, K, T = AuditConfig, KNConfig, TracingConfig
@@ -91,6 +91,6 @@ def print_audit(res) -> None:
         tab = Table(*[t["columns"][c] for c in cols], title=t["title"], title_justify="left", show_lines=False)
         for r in t["rows"]:
             tab.add_row(*[str(r[c]) for c in cols])
-        console.print(tab)
+        print_table(tab)
     fl = rep["claims"]["facts_localizable"]
     console.print(f"facts_localizable = {fl['value']}  ({fl['criterion']})")

@@ -14,7 +14,7 @@ from ..stages.contrast import add_erase_specificity, resolve_references
 from ..stages.contrast import contrast as run_contrast
 from ..stages.contrast_rules import ContrastConfig
 from ..stages.generic import GenericConfig, find_generic
-from .app import app, console, load_model_from_opts, print_neuron_summary
+from .app import app, console, load_model_from_opts, print_neuron_summary, print_table
 from .options import opt
 from .options import split_list as _split
 
@@ -69,7 +69,7 @@ def contrast(
         iou = "—" if r["split_iou"] is None else f"{r['split_iou']:.3f} ± {r['split_iou_sd']:.3f}"
         ch = "—" if r["chance_iou"] is None else f"{r['chance_iou']:.2g}"
         t.add_row(r["set"], str(r["n_neurons"]), iou, ch, f"{r['common_elsewhere']:.2f}", f"{r['common_everywhere']:.2f}")
-    console.print(t)
+    print_table(t)
     if eval_data:
         specs = _split(eval_data)
         dss = {}
@@ -83,7 +83,7 @@ def contrast(
             t.add_row(name, str(r["n_neurons"]), *[f"{r['delta'][k]:+.3f}" for k in dss],
                       *[f"{r['z'][k]:+.1f}" for k in dss], f"{r.get('specificity', float('nan')):+.3f}",
                       f"{r.get('si', float('nan')):+.2f}")
-        console.print(t)
+        print_table(t)
     console.print(f"wrote {res.out_dir}/neurons.json, plain.json, contrast.safetensors, report.json")
 
 
@@ -132,5 +132,5 @@ def generic(
         t.add_row(str(r["layer"]), str(r["index"]), "yes" if r["generic"] else "no", ",".join(r["flags"]),
                   f"{r['peak']:.1f}" if "peak" in r else "—", f"{r['peak_ratio']:.0f}" if "peak_ratio" in r else "—",
                   *[f"{r['freq'][k]:.2f}" for k in rep.runs] if "freq" in r else ["—"] * len(rep.runs))
-    console.print(t)
+    print_table(t)
     console.print(f"{len(rep.generic_pairs)} generic neurons; wrote {out}/generic.json, neurons.json, report.json")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..stages.decouple import DecoupleConfig
-from .app import app, console, load_model_from_opts
+from .app import app, console, load_model_from_opts, print_table
 from .options import opt, split_list
 
 D = DecoupleConfig
@@ -56,7 +56,7 @@ def decouple(
             v = d["iou"][kind]
             t.add_row(dom, kind, str(d["n_groups"].get(kind, 0)), f"{v['mean']:.3f}",
                       f"[{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]", f"{d['chance_iou']:.4f}")
-    console.print(t)
+    print_table(t)
     for dom, d in s.items():
         diff = d["iou"]["commonality_minus_content"]
         console.print(f"{dom}: commonality - content = {diff['mean']:.3f} [{diff['ci'][0]:.3f}, {diff['ci'][1]:.3f}] "

@@ -12,7 +12,7 @@ from ..measure import METRICS
 from ..neurons import gain_for
 from ..results import NeuronSet, check_out_dir
 from ..stages.evaluate import EvalConfig, run_eval
-from .app import app, console, load_model_from_opts
+from .app import app, console, load_model_from_opts, print_table
 from .options import opt, split_list
 
 
@@ -76,5 +76,5 @@ def eval_cmd(
     fmt = lambda v, p=4: "" if v is None else f"{v:.{p}f}"  # noqa: E731
     for row in run.rows():
         t.add_row(str(row[0]), str(row[1]), str(row[2]), fmt(row[4]), fmt(row[5]), fmt(row[6], 3), fmt(row[7], 3))
-    console.print(t)
+    print_table(t)
     console.print(f"wrote {out}/eval.json, report.json")

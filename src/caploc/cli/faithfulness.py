@@ -10,7 +10,7 @@ import typer
 from ..errors import CaplocError
 from ..stages.faithfulness import FaithConfig
 from ..stages.masklearn import MaskConfig
-from .app import app, console, load_model_from_opts
+from .app import app, console, load_model_from_opts, print_table
 from .options import opt
 
 
@@ -132,7 +132,7 @@ def faithfulness(
         t.add_row(r["direction"], r["dataset"], r["method"], f"{r['auc']:.3f}",
                   f"{r['random_auc_mean']:.3f} ± {r['random_auc_sd']:.3f}" if r["random_auc_sd"] is not None else "-",
                   f"{r['z_vs_random']:.1f}" if r["z_vs_random"] is not None else "-")
-    console.print(t)
+    print_table(t)
     console.print(f"budgets k = {np.asarray(res.ks).tolist()}; wrote {out}/faithfulness.json, report.json, "
                   "faithfulness.png")
 

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..stages.finetune import FinetuneConfig as C
-from .app import app, console, load_model_from_opts
+from .app import app, console, load_model_from_opts, print_table
 from .options import opt, split_list
 
 
@@ -83,7 +83,7 @@ def finetune(
     for a in res.arms:
         t.add_row(a.name, f"{a.n_trainable:,}", f"{a.lr:g}", *[f"{a.eval[d]['delta']:+.4f}" for d in names],
                   f"{a.losses[0]:.3f}→{a.losses[-1]:.3f}")
-    console.print(t)
+    print_table(t)
     if res.meta.get("validation"):
         console.print(f"learning rates chosen by validation NLL on {res.meta['validation']['n']} held-out training "
                       "samples (not the evaluation sets)")

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 
 from ..errors import CaplocError
 from ..evalsets import default_off_target, eval_sets
@@ -13,7 +14,7 @@ from ..neurons import gain_for
 from ..results import check_out_dir
 from ..runs import spec_of
 from ..stages.intervene import InterveneConfig, run_intervention
-from .app import app, console
+from .app import app, console, print_table
 from .evaluate import load_neurons_and_model, parse_metrics
 from .options import opt
 
@@ -78,15 +79,17 @@ def intervene(
         console.print(f"off-target datasets: {', '.join(specs[1:])}")
     entries = eval_sets(specs, n=n, seed=data_seed, neuron_meta=ns.meta, heldout=heldout, target=target, n_off=n_off)
     res = run_intervention(lm, ns, entries, cfg, out_dir=out)
-    console.print(f"{'dataset':32s} {'k':>4s} {'condition':11s} {'NLL/tok':>8s} {'ΔNLL/tok':>9s} {'95% CI':>19s} "
-                  f"{'random mean±sd':>16s} {'z':>7s} {'pct':>5s}", highlight=False)
+    t = Table("dataset", "k", "condition", "NLL/tok", "ΔNLL/tok", "95% CI", "random mean ± sd", "z", "pct", box=None)
     for r in res.summary_rows():
-        console.print(f"{r['dataset'][:32]:32s} {r['k']:4g} {r['condition']:11s} {r['nll']:8.4f} {r['d_nll']:+9.4f} "
-                      f"[{r['ci_lo']:+.4f},{r['ci_hi']:+.4f}] {r['random_mean']:+.4f}±{r['random_sd']:.4f} "
-                      f"{r['z']:7.2f} {r['percentile']:5.2f}", highlight=False, soft_wrap=True)
+        t.add_row(r["dataset"], f"{r['k']:g}", r["condition"], f"{r['nll']:.4f}", f"{r['d_nll']:+.4f}",
+                  f"[{r['ci_lo']:+.4f}, {r['ci_hi']:+.4f}]", f"{r['random_mean']:+.4f} ± {r['random_sd']:.4f}",
+                  f"{r['z']:.2f}", f"{r['percentile']:.2f}")
+    print_table(t)
     for name, c in res.claims().items():
         value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
-        console.print(f"{name}: value={value} " + (f"verdict={c['verdict']}" if "verdict" in c else ""))
+        p = f", permutation p = {c['p']:.3g}" if isinstance(c.get("p"), (int, float)) else ""
+        console.print(f"{name}: value={value}{p}" + (f", verdict: {c['verdict']}" if "verdict" in c else ""),
+                      highlight=False)
     console.print(f"wrote {out}/intervene.json, intervene.safetensors, report.json, figures")
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, console
+from .app import app, console, print_table
 
 
 @app.command()
@@ -39,5 +39,5 @@ def reproduce(
     t = Table("paper claim", "paper", "ours", "verdict", title="Paper claims → our result", show_lines=True)
     for row in res["claims"]["rows"]:
         t.add_row(*[str(x) for x in row[:4]])
-    console.print(t)
+    print_table(t)
     console.print(f"report: {res['report']}\nmarkdown: {res['markdown']}\nmanifest: {res['manifest']}")

@@ -23,7 +23,7 @@ from ..stages.crosscap import crosscap as run_crosscap
 from ..stages.stability import stability as run_stability
 from ..stages.sweep import SweepConfig
 from ..stages.sweep import sweep as run_sweep
-from .app import app, console, load_model_from_opts, parse_layers
+from .app import app, console, load_model_from_opts, parse_layers, print_table
 from .options import opt, split_list
 
 _N_SEEDS = len(default_of(StabilityConfig, "seeds"))
@@ -134,7 +134,7 @@ def stability(
                   fmt_ci(s["overlap"]["mean"], s["overlap"]["lo"], s["overlap"]["hi"]),
                   fmt_ci(s["iou"]["mean"], s["iou"]["lo"], s["iou"]["hi"]), fmt(s["iou"]["chance"], 5),
                   str(s["n_empty_pairs"]))
-    console.print(t)
+    print_table(t)
     for kind, why in res.kinds_skipped.items():
         console.print(f"[yellow]skipped {kind} splits:[/] {why}")
     console.print(f"wrote {out}/report.json, stability.json, fig_stability.png")
@@ -169,7 +169,7 @@ def sweep(
             else p["rule_value"]
         t.add_row(p["axis"], f"{val:g}", str(p["min_count"]), str(p["n_neurons"]), fmt(a.get("size_mean"), 1),
                   fmt_ci(a.get("iou"), a.get("iou_lo"), a.get("iou_hi")), fmt(a.get("chance_iou"), 5))
-    console.print(t)
+    print_table(t)
     console.print(f"wrote {out}/report.json, sweep.json, fig_sweep_*.png")
 
 
@@ -243,7 +243,7 @@ def crosscap(
     for i, a in enumerate(res.names):
         t.add_row(f"{a} ({res.sizes[i]})", *[f"{fmt(res.iou[i, j], 2)} ({fmt(res.chance_iou[i, j], 4)})"
                                              for j in range(len(res.names))])
-    console.print(t)
+    print_table(t)
     for note in res.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"wrote {out}/report.json, crosscap.json, fig_crosscap.png")
