@@ -32,9 +32,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import CaplocError
-from ..results import OutLock, atomic_write_json, atomic_write_text, check_out_dir, read_json
+from ..results import OutLock, atomic_write_bytes, atomic_write_json, atomic_write_text, check_out_dir, read_json
 from . import locate  # noqa: F401  (registers the built-in locate / neuron_set renderer)
-from .figures import write_bytes_atomic
 from .html import render_html, render_markdown
 from .registry import MARKERS, RENDERERS, Renderer, register_renderer
 
@@ -327,7 +326,7 @@ def build_report(run_dirs: list[Path], out: Path, title: str | None = None, stri
                 if f.out_name:
                     dst = fig_dir / f.out_name
                     if not (dst.exists() and dst.read_bytes() == f.data):
-                        write_bytes_atomic(dst, f.data)
+                        atomic_write_bytes(dst, f.data)
         sources = [str(Path(d)) for d in run_dirs]
         paths = ReportPaths(out / OUT_NAMES[0], out / OUT_NAMES[1], out / OUT_NAMES[2])
         atomic_write_json(paths.json, _to_json(doc_title, sources, sections, claims, missing))

@@ -15,14 +15,13 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..errors import CaplocError
+from ..results import atomic_write_bytes
 from ..stats import compare_to_null
 
 log = logging.getLogger(__name__)
@@ -112,22 +111,9 @@ def save_figure(fig, path: Path | str) -> Path:
     buf = io.BytesIO()
     with _ctx():
         fig.savefig(buf, format="png", dpi=DPI, metadata=_PNG_META)
-    write_bytes_atomic(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     log.debug("wrote figure %s", path)
     return path
-
-
-def write_bytes_atomic(path: Path | str, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _title(title: str | None, chance: float | None) -> str:
@@ -387,4 +373,4 @@ def null_histogram(null_values, effect: float, path: Path | str, title: str | No
 
 
 __all__ = ["new_figure", "new_panels", "style", "save_figure", "heatmap", "curves", "bars_with_ci", "per_layer_bars",
-           "count_histogram", "null_histogram", "write_bytes_atomic"]
+           "count_histogram", "null_histogram"]

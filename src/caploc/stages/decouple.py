@@ -1,26 +1,8 @@
 """Decoupling (paper §4): do per-sample neuron sets follow shared *commonality* (problem type) or shared *content*?
 
-Comparative groups (all built deterministically from a seed; every group is checked to be what it claims):
-
-gsm_symbolic (reasoning-gym, a pool of ``pool_size`` generated problems):
-  * ``commonality``: ``group_size`` problems of ONE template (the problem type), with pairwise different variables
-    and, as far as the pool allows, no shared string content (names, objects);
-  * ``content``: ``group_size`` problems of pairwise DIFFERENT templates that share content. reasoning-gym cannot
-    render a template with given variable values (each template samples its own inside a closure), so content groups
-    are *searched* in the pool: an anchor string that appears in the question (a person's name such as "James", an
-    object, a currency) shared by at least ``group_size`` templates, plus, where the pool allows, a second shared
-    item (another string or a number that appears in every question). The shared items of every group are recorded
-    and the measured amount of shared content is reported for every kind of group;
-  * ``random``: ``group_size`` random problems of the pool.
-
-facts (ROME known facts, 1209):
-  * ``commonality``: facts of ONE relation with pairwise different subjects AND different attributes (so the group
-    does not share the answer);
-  * ``content``: facts that share the attribute (answer), e.g. "London", across pairwise different relations. Only
-    14 subjects occur in two relations and none in more, so same-subject groups of 5 do not exist in this data.
-    Confound: content groups share the TARGET tokens, which the attribution objective scores directly, so shared
-    output-side neurons favour content here; a commonality win on facts is therefore the harder test;
-  * ``random``: random facts.
+Comparative groups per domain (commonality: one problem type / relation; content: shared strings or answers across
+types; random), built deterministically from a seed and checked to be what they claim: see
+:mod:`caploc.stages.decouple_groups` for how each kind is built and its confounds.
 
 Per sample: attribution (``grad_x_act`` by default: one forward/backward; or exact per-layer ``ig``), per-sample
 selection (``sigma``: Attr > mean + sigma * sd over the sample's neurons, or ``topk``). Per group: the mean pairwise
