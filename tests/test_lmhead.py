@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from caploc import lmhead
-from caploc.lmhead import (bytes_per_logit, chunk_tokens, head_logprobs, head_of, model_logprobs, resolve_head,
-                           verify_head)
+from caploc.lmhead import (
+    bytes_per_logit,
+    chunk_tokens,
+    head_logprobs,
+    head_of,
+    model_logprobs,
+    resolve_head,
+    verify_head,
+)
 from caploc.models.tiny import tiny_model
 
 from .toy import ToyLM
@@ -101,7 +108,7 @@ def test_bias_gradient_gptj(tiny_models):
 def test_shared_positions_targets_and_ignore_index(tiny_models):
     model = tiny_models["qwen3"]
     head = resolve_head(model)
-    ids, _, _, _, hidden = _case(model, B=2, T=9)
+    _, _, _, _, hidden = _case(model, B=2, T=9)
     pos = torch.tensor([4, 5, 6, 7])
     t = torch.tensor([10, 11, 12, 13])
     shared = head_logprobs(head, hidden, t, pos)
@@ -130,7 +137,7 @@ def test_chunks_respect_the_budget_forward_and_backward(tiny_models):
     per = bytes_per_logit(torch.float32, grad=True)
     k = chunk_tokens(V, 5 * V * per + 3, torch.float32, grad=True)
     assert k == 5
-    ids, positions, targets, w, hidden = _case(model, B=3, T=11, n=7)  # 21 positions -> 3 x (3 rows x 1 position)
+    _, positions, targets, w, hidden = _case(model, B=3, T=11, n=7)  # 21 positions -> 3 x (3 rows x 1 position)
     seen = []
     hk = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0] * a[0].shape[1]))
     saved = []

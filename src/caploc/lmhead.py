@@ -95,7 +95,7 @@ def head_of(model: nn.Module) -> Head | None:
                 num("final_logit_softcapping"))
 
 
-_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, Head | None]" = weakref.WeakKeyDictionary()
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, Head | None] = weakref.WeakKeyDictionary()
 
 
 def verify_head(model: nn.Module, head: Head, tol: float = 1e-4) -> bool:
@@ -196,7 +196,7 @@ def head_logprobs(head: Head, hidden: torch.Tensor, targets: torch.Tensor, posit
 
     ``positions``: None (``n == T``: ``targets[b, t]`` is predicted at position ``t``), ``[n]`` (the same positions
     in every row) or ``[B, n]`` (per row). ``targets``: ``[B, n]``, or ``[n]`` shared by the rows; entries equal to
-    ``ignore_index`` give 0 and cost nothing. Chunks hold at most ``chunk`` positions, default as many as fit
+    ``ignore_index`` give 0 (each row's scored entries are packed first, so they cost little). Chunks hold at most ``chunk`` positions, default as many as fit
     ``budget_bytes`` (default :data:`DEFAULT_BUDGET`) for this vocabulary. Differentiable w.r.t. ``hidden`` (and the
     head's weights if they require grad), one chunk of logits at a time.
     """
@@ -212,10 +212,16 @@ def head_logprobs(head: Head, hidden: torch.Tensor, targets: torch.Tensor, posit
     keep = t != ignore_index
     if bool(keep.all()):
         return _tiled(head, h, t, k, grad)
+    # each row's scored entries packed to the left (rows stay rows), the rest cut off or masked
+    n_keep = int(keep.sum(1).max())
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_keep]
+    valid = torch.take_along_dim(keep, idx, dim=1)
+    h_c = torch.take_along_dim(h, idx[:, :, None], dim=1)
+    t_c = torch.where(valid, torch.take_along_dim(t, idx, dim=1), 0)
     out = torch.zeros(B, n, dtype=torch.float32, device=h.device)
-    if bool(keep.any()):
-        lp = _tiled(head, h[keep][None], t[keep][None], k, grad)[0]
-        out = out.masked_scatter(keep, lp.to(out.device))
+    if n_keep:
+        lp = _tiled(head, h_c, t_c, k, grad).to(out.device)
+        out = out.scatter(1, idx.to(out.device), torch.where(valid.to(out.device), lp, 0.0))
     return out
 
 
