@@ -9,6 +9,7 @@ fraction (0 < x <= 1: S = ceil(x * N)) or an absolute count (an integer > 1). Th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,8 +21,9 @@ import torch
 
 from . import __version__
 from .attribution.engine import AttributionConfig, Attributor
+from .config import check, setting
 from .errors import CaplocError, DataError
-from .results import NeuronSet, ScoreStore, atomic_write_json
+from .results import NeuronSet, OutLock, ScoreStore, atomic_write_json, check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,27 +89,27 @@ def commonality(mask: torch.Tensor, min_freq: float) -> tuple[np.ndarray, np.nda
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class LocateConfig:
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    rule: str = "sigma"
-    sigma: float = 6.0
-    topk: int = 50
-    kn_t: float = 0.2
-    min_freq: float = 0.5
-    chat: bool = False
-    max_length: int | None = None
-    shard_size: int = 16
+    """How to localize: attribution settings, the per-sample rule and the dataset-level frequency rule."""
+
+    attribution: AttributionConfig = setting(default_factory=AttributionConfig, help="How neurons are scored.")
+    rule: str = setting("sigma", help="Per-sample selection rule: sigma (Attr > mean + sigma*sd) | topk | kn "
+                        "(Attr > t*max).", choices=RULES)
+    sigma: float = setting(6.0, help="sigma rule: keep Attr > mean + sigma*sd over the sample's neurons (paper: 6).",
+                           min=0)
+    topk: int = setting(50, help="topk rule: keep the k highest-scoring neurons of each sample.", min=1)
+    kn_t: float = setting(0.2, help="kn rule: keep Attr > t*max (knowledge-neurons: 0.2).", min=0, min_exclusive=True,
+                          max=1)
+    min_freq: float = setting(0.5, help="Keep neurons selected in >= this fraction (<= 1) or count (> 1) of samples "
+                              "(paper: 19 of 20).", min=0, min_exclusive=True)
+    chat: bool = setting(False, help="Wrap prompts in the tokenizer's chat template.")
+    max_length: int | None = setting(None, help="Refuse samples longer than this many tokens (default: the model's "
+                                     "context).", min=1)
+    shard_size: int = setting(16, help="Samples per score-store shard (the unit of resume).", min=1)
 
     def __post_init__(self):
-        if self.rule not in RULES:
-            raise CaplocError(f"unknown selection rule {self.rule!r}; choose one of {', '.join(RULES)}")
-        if self.topk < 1:
-            raise CaplocError(f"topk must be >= 1, got {self.topk}")
-        if not 0 < self.kn_t <= 1:
-            raise CaplocError(f"kn_t must be in (0, 1], got {self.kn_t}")
-        if self.min_freq <= 0:
-            raise CaplocError(f"min_freq must be > 0, got {self.min_freq}")
-        if self.shard_size < 1:
-            raise CaplocError(f"shard_size must be >= 1, got {self.shard_size}")
+        check(self)
+        if not isinstance(self.attribution, AttributionConfig):
+            raise CaplocError("LocateConfig.attribution must be an AttributionConfig")
 
     @property
     def rule_value(self) -> float:
@@ -196,7 +198,13 @@ def locate(lm, dataset, cfg: LocateConfig, out_dir: Path | str, *, overwrite: bo
 
     With ``world > 1`` every rank scores its shards; rank 0 then merges and returns the result (others return None).
     """
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
+    with OutLock(out_dir) if rank == 0 else contextlib.nullcontext():
+        return _locate(lm, dataset, cfg, out_dir, overwrite=overwrite, progress=progress, rank=rank, world=world)
+
+
+def _locate(lm, dataset, cfg: LocateConfig, out_dir: Path, *, overwrite: bool, progress: bool | None, rank: int,
+            world: int) -> LocateResult | None:
     t0 = time.time()
     store = score_dataset(lm, dataset, cfg, out_dir, overwrite=overwrite, rank=rank, world=world, progress=progress)
     if world > 1:

@@ -91,9 +91,7 @@ def read_result(out_dir: Path | str, json_name: str, kind: str, what: str, tenso
     if tensors_name:
         tp = out_dir / tensors_name
         if tp.exists():
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(tp))
+            tensors = read_tensors(tp, what)
         elif tensors_required:
             raise CaplocError(f"{tp} is missing: the {what} directory is incomplete")
     return js, tensors
@@ -104,13 +102,36 @@ def config_key(obj) -> str:
 
 
 def read_json(path: Path | str):
+    """Parse a JSON file caploc reads (a result, a config, a neuron list): any problem is a one-line CaplocError
+    naming the file -- missing, a directory, unreadable, not UTF-8, not JSON, nested too deeply."""
     path = Path(path)
     if not path.exists():
         raise CaplocError(f"{path} does not exist: pass a result directory written by caploc")
+    if path.is_dir():
+        raise CaplocError(f"{path} is a directory, not a JSON file")
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise CaplocError(f"{path} is not UTF-8 text (byte {e.start}): pass a JSON file") from None
     except json.JSONDecodeError as e:
         raise CaplocError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise CaplocError(f"{path} is nested too deeply to be a caploc file") from None
+    except OSError as e:
+        raise CaplocError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_tensors(path: Path | str, what: str = "result") -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never pickle); a missing, truncated or garbage file is a one-line CaplocError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaplocError(f"{path} is missing: the {what} directory is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated / garbage headers
+        raise CaplocError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): "
+                          f"the {what} is truncated or corrupt; recompute it") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,28 +332,28 @@ class ScoreStore:
         return -(-m["n_samples"] // m["shard_size"])
 
     def finished_shards(self) -> set[int]:
-        """Shards whose file is complete (an unreadable or truncated file counts as unfinished and is recomputed)."""
-        from safetensors import safe_open
-
+        """Shards whose file is complete and verified: it carries this store's key and a checksum that matches its
+        tensors. A truncated, corrupted or foreign shard (another model or configuration of the same shape) counts as
+        unfinished: it is logged and recomputed, never used."""
+        key = self.meta().get("config_key")
         done = set()
-        for p in self.root.glob("shard-*.safetensors"):
-            try:
-                with safe_open(str(p), framework="pt") as f:
-                    if "scores" not in f.keys():
-                        continue
-            except Exception:  # truncated / corrupt file, e.g. after a power loss
-                log.warning("shard %s is unreadable; it will be recomputed", p.name)
+        for p in sorted(self.root.glob("shard-*.safetensors")):
+            why = _shard_problem(p, key)
+            if why:
+                log.warning("shard %s %s; it will be recomputed", p.name, why)
                 continue
             done.add(int(p.stem.split("-")[1]))
         return done
 
     def write_shard(self, k: int, index, scores, f, gap) -> None:
-        atomic_save_tensors(self.shard_path(k), {
+        t = {
             "index": torch.as_tensor(index, dtype=torch.long),
             "scores": torch.as_tensor(scores, dtype=torch.float32),
             "f": torch.as_tensor(f, dtype=torch.float64),
             "gap": torch.as_tensor(gap, dtype=torch.float32),
-        })
+        }
+        key = self.meta().get("config_key", "")
+        atomic_save_tensors(self.shard_path(k), t, metadata={"store_key": key, "sha256": tensors_digest(t)})
 
     # ---- reading ------------------------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -350,8 +371,101 @@ class ScoreStore:
         missing = sorted(set(range(n)) - self.finished_shards())
         if missing:
             raise CaplocError(f"{self.root} is incomplete ({len(missing)} of {n} shards missing): rerun the same command to resume")
-        parts = [load_file(str(self.shard_path(k))) for k in range(n)]
+        parts = [read_tensors(self.shard_path(k), "score store") for k in range(n)]
         return {key: torch.cat([p[key] for p in parts]) for key in ("index", "scores", "f", "gap")}
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name): a shard's content checksum."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _shard_problem(path: Path, key: str | None) -> str | None:
+    """Why a shard file cannot be used (None if it is complete, belongs to the store ``key`` and is intact)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            if not {"index", "scores", "f", "gap"} <= names:
+                return "is incomplete"
+            tensors = {n: f.get_tensor(n) for n in names}
+    except Exception:  # truncated / corrupt file, e.g. after a power loss
+        return "is unreadable"
+    if meta.get("store_key") != key:
+        return "was written by another configuration or model"
+    if meta.get("sha256") != tensors_digest(tensors):
+        return "fails its checksum (corrupted)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# output directories: checked before the work starts, one writer at a time
+# ---------------------------------------------------------------------------------------------------------------------
+def check_out_dir(path: Path | str, what: str = "--out") -> Path:
+    """Refuse an output location that cannot hold a result directory, before any computation starts."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CaplocError(f"{what} {path} is a file; pass a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CaplocError(f"{what} {path} is inside {probe}, which is a file; pass another directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CaplocError(f"{what} {path} is not writable ({probe} does not allow it); pass another directory")
+    return path
+
+
+class OutLock:
+    """An exclusive, non-blocking lock on a result directory (``DIR/.caploc.lock``), held while a verb writes there.
+
+    A second process writing into the same directory gets a one-line error instead of mixing shards and metadata.
+    The lock is an OS file lock, so it disappears with the process even after SIGKILL (no stale lock files to clean).
+    Re-entrant within one process (nested stages share the outer lock)."""
+
+    _held: dict[str, int] = {}
+
+    def __init__(self, out_dir: Path | str):
+        self.path = Path(out_dir).expanduser().resolve() / ".caploc.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutLock":
+        import fcntl
+
+        k = str(self.path)
+        if k in OutLock._held:
+            OutLock._held[k] += 1
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise CaplocError(f"another caploc process is writing into {self.path.parent}; wait for it or pass "
+                              "another --out") from None
+        self._fd = fd
+        OutLock._held[k] = 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        k = str(self.path)
+        OutLock._held[k] -= 1
+        if OutLock._held[k] == 0:
+            del OutLock._held[k]
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

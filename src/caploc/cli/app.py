@@ -6,8 +6,10 @@ import os
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import CaplocError
+from ..progress import set_quiet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="caploc: find, test and fine-tune the MLP neurons that carry a capability.")
@@ -16,8 +18,16 @@ err_console = Console(stderr=True)
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")):
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is "
+                                     "not a terminal).")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    set_quiet(quiet)
+
+
+def print_error(message: str) -> None:
+    """One line on stderr; the message is shown verbatim (no rich markup: '[locate]' and '[layer, index]' survive)."""
+    err_console.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())), soft_wrap=True)
 
 
 def run(argv: list[str]) -> int:
@@ -25,13 +35,22 @@ def run(argv: list[str]) -> int:
     try:
         app(args=argv, prog_name="caploc", standalone_mode=False)
     except CaplocError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         return 2
     except SystemExit as e:  # typer/click exit
         return int(e.code or 0)
     except KeyboardInterrupt:
-        err_console.print("interrupted; finished shards are kept and the same command resumes")
+        err_console.print(Text("interrupted: finished work (score shards, finished stages) is kept and the same command "
+                               "resumes; no result directory was half-written"))
         return 130
+    except (UnicodeDecodeError, RecursionError, MemoryError) as e:  # a user file caploc could not read
+        print_error(f"{type(e).__name__} while reading input ({_first_line(e)}): check the files passed to this "
+                    "command (text files must be UTF-8)")
+        return 2
+    except OSError as e:
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print_error(f"cannot access{where}: {e.strerror or _first_line(e)}")
+        return 2
     except Exception as e:  # click usage errors (typer bundles its own click as typer._click)
         kinds = _click_kinds()
         if isinstance(e, kinds["exit"]):
@@ -43,6 +62,11 @@ def run(argv: list[str]) -> int:
             return 1
         raise
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _click_kinds() -> dict:

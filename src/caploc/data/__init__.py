@@ -24,7 +24,7 @@ from .core import (
     random_splits,
     train_test_split,
 )
-from .encode import Encoded, encode, encode_dataset, encode_prompt
+from .encode import Encoded, collate, encode, encode_dataset, encode_prompt, pad_id
 from .files import FILE_TYPES, load_hf, load_path, records_to_samples
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Encoded",
     "Sample",
     "add_few_shot",
+    "collate",
     "encode",
     "encode_dataset",
     "encode_prompt",
@@ -47,6 +48,7 @@ __all__ = [
     "load_humaneval",
     "load_path",
     "load_reasoning_gym",
+    "pad_id",
     "paraphrase_table",
     "random_splits",
     "records_to_samples",

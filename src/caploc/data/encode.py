@@ -15,7 +15,9 @@ SentencePiece tokenizers that add a prefix space); caploc scores the target toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from caploc.errors import DataError
 
@@ -97,3 +99,36 @@ def encode(tokenizer: Any, sample: Sample, *, chat: bool = False, max_length: in
 def encode_dataset(tokenizer: Any, ds: Dataset, **kw) -> list[Encoded]:
     """:func:`encode` every sample of ``ds`` (same keyword arguments)."""
     return [encode(tokenizer, s, **kw) for s in ds]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# padding and collation (the one home of both)
+# ---------------------------------------------------------------------------------------------------------------------
+def pad_id(tokenizer: Any = None, config: Any = None) -> int:
+    """The token id used for padding: the tokenizer's pad, else its eos, else the model config's pad / eos, else 0.
+
+    Padded positions are always masked out (right padding + attention mask), so the choice never changes a score; it
+    only has to be a valid id of the vocabulary."""
+    for obj, name in ((tokenizer, "pad_token_id"), (tokenizer, "eos_token_id"), (config, "pad_token_id"),
+                      (config, "eos_token_id")):
+        v = getattr(obj, name, None) if obj is not None else None
+        if isinstance(v, (list, tuple)):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def collate(seqs: Sequence[Sequence[int]], pad: int, *, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists -> ``ids [B, T]`` (long) and ``attention_mask [B, T]`` (long, 1 on real tokens).
+
+    ``T`` is the longest sequence (or ``width`` when given, which must fit every sequence)."""
+    T = max((len(s) for s in seqs), default=0) if width is None else int(width)
+    ids = torch.full((len(seqs), T), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s) > T:
+            raise ValueError(f"sequence of {len(s)} tokens does not fit width {T}")
+        ids[r, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return ids, mask
