@@ -201,3 +201,110 @@ def test_model_logprobs_matches_plain_and_falls_back(tiny_models):
         lp = model_logprobs(toy, torch.tensor([0, 0]), torch.tensor([3, 4]), input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
         q = toy(torch.tensor([[1, 2, 3, 4, 5]])).logits[0, 3:5, 0]
     assert torch.allclose(lp[0], q, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the per-use functions (evaluation NLL, fine-tuning loss, next-token probabilities) against the plain computation
+# ---------------------------------------------------------------------------------------------------------------------
+def _padded_batch(model, seed=0):
+    """Right-padded rows of different lengths, prompt then target (the layout of evaluation and fine-tuning)."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    lens, prompts = [12, 7, 10], [5, 3, 9]
+    T = max(lens)
+    ids = torch.zeros(len(lens), T, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    tgt = torch.zeros_like(ids, dtype=torch.bool)
+    for r, (L, P) in enumerate(zip(lens, prompts)):
+        ids[r, :L] = torch.randint(2, V, (L,), generator=g)
+        att[r, :L] = 1
+        tgt[r, P:L] = True
+    return ids, att, tgt, lens, prompts
+
+
+# a budget of a few logits: one position per chunk, so the chunking itself is exercised
+TINY_BUDGET = 1.0
+
+
+@pytest.mark.parametrize("budget", [None, TINY_BUDGET])
+def test_row_nll_is_the_plain_per_row_nll(tiny_models, arch, budget):
+    model = tiny_models[arch]
+    ids, att, tgt, lens, prompts = _padded_batch(model)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits
+        got = lmhead.row_nll(model, ids, tgt, att, budget_bytes=budget)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    for r, (L, P) in enumerate(zip(lens, prompts)):
+        lp = torch.log_softmax(logits[r, P - 1 : L - 1].float(), -1).gather(1, ids[r, P:L, None])[:, 0]
+        want = -lp.double().sum()
+        assert abs(float(got[r] - want)) <= 1e-6 * abs(float(want)), (arch, r, float(got[r]), float(want))
+
+
+@pytest.mark.parametrize("budget", [None, TINY_BUDGET])
+def test_batch_nll_is_cross_entropy_with_the_same_gradients(tiny_models, arch, budget):
+    model = tiny_models[arch]
+    ids, att, tgt, *_ = _padded_batch(model, seed=1)
+    batch = {"input_ids": ids, "attention_mask": att, "target_mask": tgt}
+    # the LM head's weight (tied to the input embeddings in some) and one weight inside the blocks
+    params = [model.get_output_embeddings().weight, list(model.base_model.parameters())[-3]]
+    was = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        logits = model(input_ids=ids, attention_mask=att).logits
+        mask = tgt[:, 1:] & att[:, 1:].bool()
+        want = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), ids[:, 1:][mask], reduction="sum")
+        g_want = torch.autograd.grad(want, params)
+        got, n = lmhead.batch_nll(model, batch, budget_bytes=budget)
+        g_got = torch.autograd.grad(got, params)
+    finally:
+        for p, w in zip(model.parameters(), was):
+            p.requires_grad_(w)
+    assert int(n) == int(mask.sum())
+    assert _rel(got, want) <= 1e-6, arch
+    for a, b in zip(g_got, g_want):
+        assert _rel(a, b) <= 1e-5, arch  # gradients: sums of many products, rounded in another order
+
+
+def test_position_probs_and_logits_match_the_full_softmax(tiny_models, arch):
+    model = tiny_models[arch]
+    ids, att, _tgt, lens, _ = _padded_batch(model, seed=2)
+    last = torch.tensor(lens) - 1
+    targets = torch.tensor([3, 5, 7])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        rows = logits[torch.arange(3), last]
+        want = rows.softmax(-1).gather(1, targets[:, None])[:, 0]
+        got = lmhead.position_probs(model, targets, last, input_ids=ids, attention_mask=att)
+        got_logits = lmhead.position_logits(model, last, input_ids=ids, attention_mask=att)
+        # the last position of every row (unpadded inputs, as causal tracing runs them) and one shared target id
+        full = ids[:, :7]
+        want_last = model(input_ids=full).logits[:, -1].float().softmax(-1)[:, 4]
+        got_last = lmhead.position_probs(model, 4, input_ids=full)
+    assert _rel(got, want) <= 1e-6 and _rel(got_logits, rows) <= 1e-6 and _rel(got_last, want_last) <= 1e-6, arch
+
+
+def test_per_use_functions_fall_back_to_the_models_own_logits():
+    """A model without a separate base model (the toy: 2 output classes) is scored through its own logits: same
+    numbers."""
+    model = ToyLM()
+    assert resolve_head(model) is None
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 2, (3, 9), generator=g)
+    att = torch.ones_like(ids)
+    att[1, 6:] = 0
+    tgt = torch.zeros_like(ids, dtype=torch.bool)
+    tgt[:, 4:] = True
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits
+        got = lmhead.row_nll(model, ids, tgt, att)
+        for r, L in enumerate((9, 6, 9)):
+            lp = torch.log_softmax(logits[r, 3 : L - 1].float(), -1).gather(1, ids[r, 4:L, None])[:, 0]
+            assert abs(float(got[r] + lp.double().sum())) <= 1e-6 * abs(float(lp.sum()))
+        last = torch.tensor([8, 5, 8])
+        t = torch.tensor([1, 0, 1])
+        p = lmhead.position_probs(model, t, last, input_ids=ids, attention_mask=att)
+        want = logits[torch.arange(3), last].float().softmax(-1)[torch.arange(3), t]
+    assert _rel(p, want) <= 1e-6

@@ -267,5 +267,81 @@ def first_target_prob(logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs[:, 0].exp()
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# one function per use: evaluation NLL, the fine-tuning loss, next-token probabilities (audit, tracing)
+# --------------------------------------------------------------------------------------------------------------------
+def target_logprobs(model: nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, *, budget_bytes: float | None = None,
+                    **inputs) -> torch.Tensor:
+    """Teacher-forced log-probabilities ``[B, T - 1]`` (float32): entry ``t`` is ``log p(input_ids[:, t + 1])``
+    predicted at position ``t`` where ``target_mask[:, t + 1]`` (and ``attention_mask[:, t + 1]``) is set, else 0.
+    The model runs once on ``input_ids`` (with ``attention_mask`` and ``inputs``); only the target positions go
+    through the LM head, a chunk at a time."""
+    ids = input_ids
+    keep = target_mask[:, 1:].bool()
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, 1:].to(keep.device).bool()
+    keep = keep.to(ids.device)
+    # targets aligned with the positions that predict them; the last position predicts nothing
+    tgt = torch.full_like(ids, IGNORE_INDEX)
+    tgt[:, :-1] = torch.where(keep, ids[:, 1:], IGNORE_INDEX)
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    lp = model_logprobs(model, tgt, None, budget_bytes=budget_bytes, input_ids=ids, **inputs)
+    return lp[:, :-1]
+
+
+def row_nll(model: nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor,
+            attention_mask: torch.Tensor | None = None, *, budget_bytes: float | None = None,
+            **inputs) -> torch.Tensor:
+    """Summed target NLL of each row, ``[B]`` float64 (float32 log-probabilities summed in float64): evaluation."""
+    return -target_logprobs(model, input_ids, target_mask, attention_mask, budget_bytes=budget_bytes,
+                            **inputs).double().sum(1)
+
+
+def batch_nll(model: nn.Module, batch, *, budget_bytes: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine-tuning loss terms of a collated batch (``input_ids``, ``attention_mask``, ``target_mask`` [B, T]): the
+    summed NLL (float32 scalar, differentiable w.r.t. every parameter that requires grad, the LM head's included)
+    and the number of target tokens -- what ``cross_entropy(logits[:, :-1][mask], labels[mask], reduction="sum")``
+    gives, without the ``[B, T, V]`` logits."""
+    lp = target_logprobs(model, batch["input_ids"], batch["target_mask"], batch["attention_mask"],
+                         budget_bytes=budget_bytes, use_cache=False)
+    n = (batch["target_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()).sum()
+    return -lp.sum(), n
+
+
+def position_logits(model: nn.Module, positions: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """Full-vocabulary logits ``[B, V]`` (float32) at one position per row (``positions [B]``; None: the last one):
+    the LM head runs on those ``B`` hidden states only (for ranks over the vocabulary)."""
+    head = resolve_head(model)
+    if head is not None:
+        h = model.base_model(**inputs).last_hidden_state
+        if positions is None:
+            h = h[:, -1]
+        else:
+            h = h[torch.arange(h.shape[0], device=h.device), positions.to(h.device)]
+        return head.logits(h).float()
+    if positions is None:
+        return model(**inputs, logits_to_keep=1).logits[:, -1].float()
+    logits = model(**inputs).logits
+    return logits[torch.arange(logits.shape[0], device=logits.device), positions.to(logits.device)].float()
+
+
+def position_probs(model: nn.Module, targets: torch.Tensor | int, positions: torch.Tensor | None = None, *,
+                   budget_bytes: float | None = None, **inputs) -> torch.Tensor:
+    """Next-token probabilities ``[B]`` (float32) of ``targets`` (``[B]``, or one id for every row) at one position
+    per row (``positions [B]``; None: the last position of every row): audit and causal tracing."""
+    B = next(v for k, v in inputs.items() if k in ("input_ids", "inputs_embeds")).shape[0]
+    t = torch.as_tensor(targets, dtype=torch.long)
+    t = t.reshape(1).expand(B) if t.dim() == 0 else t
+    if positions is None:
+        T = inputs["input_ids"].shape[1] if "input_ids" in inputs else inputs["inputs_embeds"].shape[1]
+        pos = torch.tensor([T - 1])
+    else:
+        pos = positions.reshape(B, 1)
+    return model_logprobs(model, t[:, None], pos, budget_bytes=budget_bytes, **inputs)[:, 0].exp()
+
+
 __all__ = ["Head", "head_of", "verify_head", "resolve_head", "bytes_per_logit", "chunk_tokens", "head_peak_bytes",
-           "head_logprobs", "model_logprobs", "keep_arg", "first_target_prob", "DEFAULT_BUDGET", "IGNORE_INDEX"]
+           "head_logprobs", "model_logprobs", "keep_arg", "first_target_prob",
+           "target_logprobs", "row_nll", "batch_nll", "position_logits", "position_probs", "DEFAULT_BUDGET", "IGNORE_INDEX"]
