@@ -1,32 +1,35 @@
-"""Peak memory per verb and vocabulary (run by hand; prints a table and ratios).
+"""Peak memory per verb and vocabulary, before and after the chunked LM head (run by hand; prints a table and ratios).
 
-    .venv/bin/python benchmarks/memory.py [--models default,32k,262k] [--cases weights,fwd_bwd,gxa,ig,eval,finetune]
-                                          [--n 16] [--ig-samples 1] [--steps 2] [--src PATH] [--json OUT]
+    .venv/bin/python benchmarks/memory.py [--models default,32k,262k] [--cases fwd_bwd,gxa,ig,ig512]
+                                          [--n 4] [--steps 2] [--before REF | --before none] [--json OUT]
 
-Each (model, case) runs in a fresh subprocess (``python benchmarks/memory.py _case ...``) that reports its own
-peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and its RSS after loading the model. Models:
+Each (model, case, code) runs in a fresh subprocess (``nice``, ``OMP_NUM_THREADS=1``) that loads the model, touches
+every weight, records its RSS (``loaded``), resets its peak RSS (``/proc/self/clear_refs``: building a random model's
+transients do not count), runs the case and reports its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so
+``peak - loaded`` is what the case adds to the resident weights. Models:
 
 * ``default``: SmolLM2-135M (``caploc.models.loading.load_model``; vocabulary 49,152, tied embeddings);
 * ``32k`` / ``262k``: random-weight ``LlamaConfig`` models of SmolLM2's shape (30 x 576, 1536 neurons, 9 heads,
   3 kv heads, tied embeddings) with 32,768 / 262,144 tokens (nothing downloaded); token ids come from SmolLM2's
-  tokenizer, which are valid in both.
+  tokenizer, folded modulo the vocabulary (random weights: any ids do).
 
-Cases (samples: ``--n`` gsm_symbolic problems with their gold chain of thought, encoded once by the parent):
+Cases (samples: the first ``--n`` of 8 gsm_symbolic problems with their gold chain of thought, encoded once by the parent):
 
-* ``weights``: load only;
-* ``fwd_bwd``: a bare forward + backward of the longest sample, the way a plain script does it: the model's full
-  logits, log-softmax, the target tokens' log-probabilities summed, gradient w.r.t. the input embeddings (weights
-  frozen, as in attribution);
-* ``gxa``: ``Attributor`` grad x activation on the ``--n`` samples (batch size 8, default budget);
-* ``ig``: ``Attributor`` exact IG on the ``--ig-samples`` longest samples (the first is ``fwd_bwd``'s), ``--steps`` steps, default budget;
-* ``eval``: ``caploc.evaluate.nll_sums`` on the ``--n`` samples (batch 8) -- also what ``intervene`` runs, inside
-  neuron hooks that add no memory;
-* ``finetune``: ``caploc.finetune.train``, 2 AdamW steps of batch 4 on one MLP matrix.
+* ``weights``: load only (every case's ``loaded`` RSS gives the same: the table's weights row);
+* ``fwd_bwd``: a bare forward + backward of the IG sample (the shortest of the 8, to keep the run short), the
+  way a plain script does it: the model's full logits, log-softmax, the target tokens' log-probabilities summed,
+  gradient w.r.t. the input embeddings (weights frozen, as in attribution);
+* ``gxa``: ``Attributor`` grad x activation on the ``--n`` samples (batch size 8, default ``memory_mb`` 2048);
+* ``ig`` / ``ig512``: ``Attributor`` exact IG on the IG sample, ``--steps`` steps, ``memory_mb`` 2048 (the default) /
+  512; the objective and a checksum of the scores are printed, so equal scores under both budgets can be checked;
+* ``eval``: ``caploc.evaluate.nll_sums`` on the ``--n`` samples (batch 8), the stage code as it is in the tree run;
+  ``eval_lmhead``: the same NLLs through ``caploc.lmhead.row_nll`` (what ``nll_sums`` gives once wired to it).
 
-``--src`` runs the children against another checkout's ``src`` (e.g. the code before a change: ``git archive``
-it into a directory); the parent only encodes the data. The machine may be shared: peaks are meaningful, times are
-not. Where the child's ``caploc.memory`` has ``predict_peak_bytes``, its prediction is printed next to the measured
-peak.
+``--before REF`` (default: ``4da1152``, main before the chunked head) also runs ``gxa``, ``ig`` and ``eval`` with
+that commit's ``src`` (``git archive``), the full-logits code. In the ``after`` children ``caploc.memory`` predicts
+each peak (``bare_forward_backward_bytes``, ``gxa_run_peak_bytes``, ``ig_sample_peak_bytes``); the table prints the
+prediction of what the case adds beyond the weights next to the measured ``peak - loaded``. The machine may be shared:
+peaks are meaningful, times are not.
 """
 from __future__ import annotations
 
@@ -43,7 +46,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 MODELS = ("default", "32k", "262k")
-CASES = ("weights", "fwd_bwd", "gxa", "ig", "eval", "finetune")
+CASES = ("weights", "fwd_bwd", "gxa", "ig", "ig512", "eval", "eval_lmhead")
+DEFAULT_CASES = ("fwd_bwd", "gxa", "ig", "ig512")
+BEFORE_CASES = ("gxa", "ig", "eval")
+BEFORE = "4da1152"
+POOL = 8  # samples encoded; the IG sample is the shortest of them
 VOCAB = {"32k": 32768, "262k": 262144}
 
 
@@ -73,71 +80,109 @@ def _load(name: str):
     return model, Site(model)
 
 
+def _ig_item(samples):
+    """The IG (and bare forward + backward) sample: the shortest of the pool, so the benchmark stays within minutes."""
+    return min(samples, key=lambda s: len(s[0]))
+
+
 def _case(args) -> None:
+    import hashlib
+
     import torch
 
     torch.set_num_threads(1)
     data = json.loads(Path(args.data).read_text())
-    samples = [(d["ids"], d["prompt_len"]) for d in data]
     model, site = _load(args.model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    V = model.get_output_embeddings().weight.shape[0]
+    pool = [([t % V for t in d["ids"]], d["prompt_len"]) for d in data]  # SmolLM2's ids, folded into a 32k vocabulary
+    samples = pool[: args.n]
+    ig_ids, ig_p = _ig_item(pool)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)
+            float(p.sum())  # page every weight in: loaded_mb = runtime + weights
     rss_loaded = _rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS: building the model's transients do not count
     t0 = time.perf_counter()
     info: dict = {}
     if args.case == "fwd_bwd":
-        ids, P = max(samples, key=lambda s: len(s[0]))
-        t = torch.tensor(ids)
+        t = torch.tensor(ig_ids)
         emb = model.get_input_embeddings()(t[None, :-1]).detach().requires_grad_(True)
         logits = model(inputs_embeds=emb).logits
-        lp = torch.log_softmax(logits[0, P - 1 :].float(), -1).gather(-1, t[P:, None]).sum()
+        lp = torch.log_softmax(logits[0, ig_p - 1 :].float(), -1).gather(-1, t[ig_p:, None]).sum()
         lp.backward()
-        info["tokens"] = len(ids)
-    elif args.case in ("gxa", "ig"):
+        info["f"] = [round(float(lp), 4)]
+    elif args.case in ("gxa", "ig", "ig512"):
         from caploc.attribution.engine import AttributionConfig, Attributor
 
         if args.case == "gxa":
             cfg = AttributionConfig(method="grad_x_act")
             items = samples
         else:
-            cfg = AttributionConfig(method="ig", steps=args.steps)
-            items = sorted(samples, key=lambda s: -len(s[0]))[: args.ig_samples]
+            cfg = AttributionConfig(method="ig", steps=args.steps, memory_mb=512.0 if args.case == "ig512" else 2048.0)
+            items = [(ig_ids, ig_p)]
         att = Attributor(site, cfg)
         res = att.score_batch(items)
-        info["f"] = [round(r.f, 6) for r in res]
-        info["stats"] = att.stats
-        info["tokens"] = max(len(s[0]) for s in items)
+        info["f"] = [round(r.f, 4) for r in res]
+        scores = torch.stack([r.scores for r in res])
+        info["scores_sum"] = float(scores.double().abs().sum())
+        info["scores_sha"] = hashlib.sha256(scores.round(decimals=4).numpy().tobytes()).hexdigest()[:12]
+        info["stats"] = {k: v for k, v in att.stats.items() if v}
         info["memory_mb"] = cfg.memory_mb
-    elif args.case == "eval":
+    elif args.case in ("eval", "eval_lmhead"):
         from types import SimpleNamespace
 
         from caploc.data.encode import Encoded
         from caploc.evaluate import nll_sums
 
-        lm = SimpleNamespace(model=model, site=site, tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=0))
-        sums, counts = nll_sums(lm, [Encoded(i, p) for i, p in samples], batch_size=8, progress=False)
-        info["nll_per_token"] = float(sums.sum() / counts.sum())
-    elif args.case == "finetune":
-        from caploc.data.encode import Encoded
-        from caploc.finetune import FinetuneConfig, train
+        enc = [Encoded(i, p) for i, p in samples]
+        if args.case == "eval":
+            lm = SimpleNamespace(model=model, site=site, tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=0))
+            sums, _counts = nll_sums(lm, enc, batch_size=8, progress=False)
+            info["f"] = [round(float(-x), 4) for x in sums]
+        else:
+            from caploc.lmhead import row_nll
 
-        w = site.out_projs[site.n_layers // 2].weight
-        w.requires_grad_(True)
-        tl = train(model, [w], [Encoded(i, p) for i, p in samples], FinetuneConfig(steps=2, batch_size=4),
-                   progress=False)
-        info["losses"] = tl.losses
+            T = max(len(e.input_ids) for e in enc)
+            ids = torch.zeros(len(enc), T, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            tgt = torch.zeros_like(ids, dtype=torch.bool)
+            for r, e in enumerate(enc):
+                ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
+                att[r, : len(e.input_ids)] = 1
+                tgt[r, e.prompt_len : len(e.input_ids)] = True
+            with torch.no_grad():
+                info["f"] = [round(float(-x), 4) for x in row_nll(model, ids, tgt, att, use_cache=False)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    info.update(_predict(model, args.case, samples, (ig_ids, ig_p), args.steps))
+    w_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(json.dumps({"model": args.model, "case": args.case, "code": args.code, "peak_mb": peak,
+                      "loaded_mb": rss_loaded, "weights_mb": w_mb, "seconds": time.perf_counter() - t0, **info}),
+          flush=True)
+
+
+def _predict(model, case, samples, ig_item, steps) -> dict:
+    """What ``caploc.memory`` predicts the case adds beyond the weights (MB), where the code run has the predictors."""
     try:
         from caploc import memory as cm
-
-        if hasattr(cm, "predict_peak_bytes") and args.case in ("fwd_bwd", "gxa", "ig", "eval", "finetune"):
-            info["predicted_mb"] = cm.predict_peak_bytes(model, args.case, samples, steps=args.steps,
-                                                         ig_samples=args.ig_samples) / 2**20
-    except Exception as e:
-        info["predict_error"] = repr(e)
-    w_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(json.dumps({"model": args.model, "case": args.case, "peak_mb": peak, "loaded_mb": rss_loaded,
-                      "weights_mb": w_mb, "seconds": time.perf_counter() - t0, **info}), flush=True)
+    except ImportError:
+        return {}
+    if not hasattr(cm, "ig_sample_peak_bytes"):
+        return {}
+    shape = cm.ModelShape.from_model(model)
+    kw = {"include_weights": False}
+    ids, P = ig_item
+    if case == "fwd_bwd":
+        b = cm.bare_forward_backward_bytes(shape, len(ids) - 1, len(ids) - P, **kw)["total"]
+    elif case == "gxa":
+        b = cm.gxa_run_peak_bytes(shape, [len(i) for i, _ in samples], [p for _, p in samples], **kw)["total"]
+    elif case in ("ig", "ig512"):
+        m = 1.0 / steps
+        b = cm.ig_sample_peak_bytes(shape, len(ids), P, [k * m for k in range(1, steps + 1)], [m] * steps,
+                                    memory_mb=512.0 if case == "ig512" else 2048.0, **kw)["total"]
+    else:
+        return {}
+    return {"predicted_mb": b / 2**20}
 
 
 def _encode(n: int) -> list[dict]:
@@ -156,77 +201,99 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", nargs="?", default="run", choices=("run", "_case"))
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--ig-samples", type=int, default=1)
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"of {','.join(CASES)}")
+    ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--src", default=str(ROOT / "src"), help="the caploc source tree the children import")
+    ap.add_argument("--before", default=BEFORE, help="git ref of the full-logits code ('none': skip)")
     ap.add_argument("--json", default=None, help="also write the rows here (JSON lines)")
     # child only
-    ap.add_argument("--model"), ap.add_argument("--case"), ap.add_argument("--data")
+    ap.add_argument("--model"), ap.add_argument("--case"), ap.add_argument("--data"), ap.add_argument("--code")
     args = ap.parse_args(argv)
     if args.mode == "_case":
         return _case(args)
 
     import tempfile
 
-    data = _encode(args.n)
-    lens = sorted(len(d["ids"]) for d in data)
-    print(f"{len(data)} gsm_symbolic samples, {lens[0]}..{lens[-1]} tokens; children import caploc from {args.src}")
+    t_all = time.perf_counter()
+    data = _encode(max(args.n, POOL))
+    lens = sorted(len(d["ids"]) for d in data[: args.n])
+    print(f"{args.n} gsm_symbolic samples, {lens[0]}..{lens[-1]} tokens; IG and the bare fwd+bwd on the shortest of "
+          f"{len(data)}: {min(len(d['ids']) for d in data)} tokens")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data.json"
         path.write_text(json.dumps(data))
-        env = dict(os.environ, PYTHONPATH=args.src, OMP_NUM_THREADS="1")
-        for m in args.models.split(","):
-            for c in args.cases.split(","):
-                cmd = [sys.executable, str(HERE), "_case", "--model", m, "--case", c, "--data", str(path),
-                       "--steps", str(args.steps), "--ig-samples", str(args.ig_samples)]
-                r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = next((l for l in reversed(r.stdout.splitlines()) if l.startswith("{")), None)
-                if r.returncode or line is None:
-                    print(f"{m} {c}: failed (rc {r.returncode}): {r.stderr.strip().splitlines()[-1:]}", flush=True)
-                    continue
-                row = json.loads(line)
-                rows.append(row)
-                print(f"  {m:8s} {c:9s} peak {row['peak_mb']:7.0f} MB  ({row['seconds']:.0f} s)", flush=True)
-                if args.json:
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+        srcs = {"after": str(ROOT / "src")}
+        if args.before != "none":
+            subprocess.run(f"git -C {ROOT} archive {args.before} src | tar -x -C {tmp}", shell=True, check=True)
+            srcs["before"] = str(Path(tmp) / "src")
+        runs = [(m, c, "after") for m in args.models.split(",") for c in args.cases.split(",")]
+        runs += [(m, c, "before") for m in args.models.split(",") for c in args.cases.split(",")
+                 if "before" in srcs and c in BEFORE_CASES]
+        for m, c, code in runs:
+            env = dict(os.environ, PYTHONPATH=srcs[code], OMP_NUM_THREADS="1")
+            cmd = ["nice", "-n", "10", sys.executable, str(HERE), "_case", "--model", m, "--case", c, "--data",
+                   str(path), "--steps", str(args.steps), "--code", code, "--n", str(args.n)]
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = next((l for l in reversed(r.stdout.splitlines()) if l.startswith("{")), None)
+            if r.returncode or line is None:
+                print(f"  {m} {c} {code}: failed (rc {r.returncode}): {r.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            row = json.loads(line)
+            rows.append(row)
+            print(f"  {m:8s} {c:11s} {code:6s} peak {row['peak_mb']:7.0f} MB  ({row['seconds']:.0f} s)", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     _table(rows)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
 
 
 def _table(rows: list[dict]) -> None:
-    by = {(r["model"], r["case"]): r for r in rows}
+    by = {(r["model"], r["case"], r["code"]): r for r in rows}
     models = [m for m in MODELS if any(k[0] == m for k in by)]
-    cases = [c for c in CASES if any(k[1] == c for k in by)]
-    print("\npeak RSS (MB) per case; in brackets: the prediction of caploc.memory where the code has one")
-    print("| case | " + " | ".join(models) + " |")
-    print("|---|" + "---:|" * len(models))
-    for c in cases:
+    keys = [(c, code) for c in CASES for code in ("before", "after") if any(k[1:] == (c, code) for k in by)]
+    print("\npeak RSS (MB): `before` = full logits (the --before commit), `after` = this tree; "
+          "[measured peak - loaded | predicted by caploc.memory], both beyond the resident weights")
+    print("| case | code | " + " | ".join(models) + " |")
+    print("|---|---|" + "---:|" * len(models))
+    loaded = {m: min(r["loaded_mb"] for r in rows if r["model"] == m) for m in models}
+    print("| weights (RSS after loading) | | " + " | ".join(f"{loaded[m]:.0f}" for m in models) + " |")
+    for c, code in keys:
         cells = []
         for m in models:
-            r = by.get((m, c))
+            r = by.get((m, c, code))
             if r is None:
                 cells.append("-")
                 continue
-            pred = f" ({r['predicted_mb']:.0f})" if "predicted_mb" in r else ""
-            cells.append(f"{r['peak_mb']:.0f}{pred}")
-        print(f"| {c} | " + " | ".join(cells) + " |")
+            extra = f" [{r['peak_mb'] - r['loaded_mb']:.0f}" + (f" / {r['predicted_mb']:.0f}]" if "predicted_mb" in r
+                                                                  else "]")
+            cells.append(f"{r['peak_mb']:.0f}" + (extra if c != "weights" else ""))
+        print(f"| {c} | {code} | " + " | ".join(cells) + " |")
     print("\nratios")
-    for c in cases:
-        r32, r262 = by.get(("32k", c)), by.get(("262k", c))
+    for c, code in keys:
+        r32, r262 = by.get(("32k", c, code)), by.get(("262k", c, code))
         if r32 and r262 and c != "weights":
-            w32, w262 = by.get(("32k", "weights")), by.get(("262k", "weights"))
-            extra = ""
-            if w32 and w262:
-                extra = (f"; above the weights row: {(r262['peak_mb'] - w262['peak_mb']) / max(1.0, r32['peak_mb'] - w32['peak_mb']):.2f}x")
-            print(f"  {c}: 262k / 32k = {r262['peak_mb'] / r32['peak_mb']:.2f}x{extra}")
+            print(f"  {c} ({code}): 262k / 32k peak = {r262['peak_mb'] / r32['peak_mb']:.2f}x; beyond the weights "
+                  f"{(r262['peak_mb'] - r262['loaded_mb']) / max(1.0, r32['peak_mb'] - r32['loaded_mb']):.2f}x")
     for m in models:
-        fb, ig, gx = by.get((m, "fwd_bwd")), by.get((m, "ig")), by.get((m, "gxa"))
-        if fb and ig:
-            print(f"  {m}: IG / bare fwd+bwd = {ig['peak_mb'] / fb['peak_mb']:.2f}x"
-                  + (f", grad x act / bare = {gx['peak_mb'] / fb['peak_mb']:.2f}x" if gx else ""))
+        fb = by.get((m, "fwd_bwd", "after"))
+        for c, code in keys:
+            r = by.get((m, c, code))
+            if fb and r and c in ("gxa", "ig", "ig512"):
+                print(f"  {m}: {c} ({code}) / bare fwd+bwd peak = {r['peak_mb'] / fb['peak_mb']:.2f}x")
+    for m in models:
+        for c in ("gxa", "ig", "eval"):
+            a, b = by.get((m, c, "after")), by.get((m, c, "before"))
+            if a and b:
+                same = a.get("f") == b.get("f") and a.get("scores_sha") == b.get("scores_sha")
+                print(f"  {m}: {c} after / before peak = {a['peak_mb'] / b['peak_mb']:.2f}x; objective"
+                      f"{' and scores' if 'scores_sha' in a else 's'} {'equal' if same else 'DIFFER'} "
+                      f"(4 decimals){'' if same else ': ' + str(a.get('f')) + ' vs ' + str(b.get('f'))}")
+        a, b = by.get((m, "ig", "after")), by.get((m, "ig512", "after"))
+        if a and b:
+            print(f"  {m}: IG under 512 MB vs 2048 MB: scores {'equal' if a['scores_sha'] == b['scores_sha'] else 'DIFFER'}"
+                  f", {b['seconds']:.0f} s vs {a['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

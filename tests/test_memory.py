@@ -9,8 +9,10 @@ import torch
 
 from caploc.attribution.engine import AttributionConfig, Attributor
 from caploc.errors import CaplocError
+from caploc.lmhead import chunk_tokens
 from caploc.memory import (HEAD_CAP, HEAD_SHARE, ModelShape, activation_bytes_per_token_layer, auto_memory_mb, budgets,
-                           count_params, engine_row_bytes, ig_peak_bytes, plan)
+                           count_params, engine_row_bytes, gxa_run_peak_bytes, ig_peak_bytes, ig_sample_peak_bytes,
+                           plan)
 from caploc.models.layouts import Site
 
 
@@ -151,3 +153,70 @@ def test_auto_memory_mb_from_free_device_memory(monkeypatch, llama):
     monkeypatch.setattr(torch.accelerator, "get_memory_info", lambda dev: (2**30, 80 * 2**30))
     with pytest.raises(CaplocError, match="GB are free"):
         auto_memory_mb(Model(), 512)
+
+
+def test_row_depths_add_up_row_by_row():
+    """A micro-batch of rows at different depths costs the sum of its rows' depth-dependent terms."""
+    both = ig_peak_bytes(SMALL, 2, 6, 3, depth=[1, 2], scaled_layers=2)
+    one, two = (ig_peak_bytes(SMALL, 1, 6, 3, depth=D, scaled_layers=2) for D in (1, 2))
+    for k in ("kv_cache", "saved_activations"):
+        assert both[k] == one[k] + two[k], k
+    assert ig_peak_bytes(SMALL, 2, 6, 3, depth=[2, 2]) == ig_peak_bytes(SMALL, 2, 6, 3, depth=2)
+    with pytest.raises(CaplocError):
+        ig_peak_bytes(SMALL, 3, 6, 3, depth=[1, 2])
+
+
+@pytest.mark.parametrize("memory_mb", [0.5, 2.0, 2048.0])
+def test_the_ig_prediction_packs_rows_as_the_engine_does(llama, memory_mb):
+    """ig_sample_peak_bytes emulates Attributor's micro-batches: the same sizes, in the same order, with or without a
+    backward -- under budgets that force 1, a few or all rows per micro-batch."""
+    site = Site(llama)
+    cfg = AttributionConfig(steps=3, memory_mb=memory_mb)
+    att = Attributor(site, cfg)
+    seen = []
+    real = att._ig_chunk
+
+    def chunk(c, *a, _real=real, **k):
+        seen.append((len(c), a[-1] if len(a) >= 11 else k.get("grad", True)))
+        return _real(c, *a, **k)
+
+    att._ig_chunk = chunk
+    ids, prompt = list(range(3, 3 + 24)), 10
+    att.score(ids, prompt)
+    alphas, weights = cfg.alpha_points()
+    pred = ig_sample_peak_bytes(ModelShape.from_model(llama), len(ids), prompt, alphas, weights, memory_mb=memory_mb)
+    assert pred["batches"] == seen
+    assert pred["total"] >= pred["micro_batch"] and pred["total"] >= pred["clean"]
+
+
+@pytest.mark.parametrize("memory_mb", [0.05, 0.5, 2048.0])
+def test_grad_x_act_batches_follow_memory_mb_with_the_same_scores(llama, memory_mb):
+    """The engine's grad x act batches are the predicted ones, shrink with the budget, and score the same."""
+    site = Site(llama)
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randint(3, 100, (L,), generator=g).tolist(), L // 2) for L in (30, 12, 25, 8, 17, 40, 9)]
+    ref = Attributor(site, AttributionConfig(method="grad_x_act", batch_size=1)).score_batch(items)
+    att = Attributor(site, AttributionConfig(method="grad_x_act", memory_mb=memory_mb, batch_size=4))
+    sizes = []
+    real = att._gxa_batch
+    att._gxa_batch = lambda b, _real=real: sizes.append(len(b)) or _real(b)
+    got = att.score_batch(items)
+    pred = gxa_run_peak_bytes(ModelShape.from_model(llama), [len(i) for i, _ in items], [p for _, p in items],
+                              batch_size=4, memory_mb=memory_mb,
+                              attn="eager" if llama.config._attn_implementation == "eager" else "sdpa")
+    assert sizes == pred["batches"]
+    assert (max(sizes) == 1) if memory_mb < 0.1 else (max(sizes) == 4) if memory_mb > 1000 else 1 < max(sizes) < 4
+    for a, b in zip(got, ref):
+        assert abs(a.f - b.f) <= 1e-5 * abs(b.f)
+        assert torch.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_budget_split_gives_the_lm_head_a_vocabulary_aware_chunk():
+    b = budgets(2048)
+    assert b.head == 2048 * 2**20 * HEAD_SHARE and b.rows + b.head == b.total
+    assert budgets(1e6).head == HEAD_CAP
+    # a 262k vocabulary gets 8x fewer positions per chunk than a 32k one, never fewer than one
+    k32, k262 = chunk_tokens(32768, b.head), chunk_tokens(262144, b.head)
+    assert k32 == 8 * k262 and chunk_tokens(262144, 1.0) == 1
+    with pytest.raises(CaplocError):
+        budgets(0)

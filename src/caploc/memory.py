@@ -215,7 +215,8 @@ def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype
                   scored_layers: int | None = None, attn: str = "sdpa", include_weights: bool = True,
                   memory_mb: float = 2048.0) -> dict:
     """Predicted peak bytes of one IG micro-batch, by term (see the module docstring). ``depth`` = layers run by the
-    micro-batch (default all: the worst case); ``n_scored`` = scored positions (default ``suffix_len``);
+    micro-batch (default all: the worst case), or a list of each row's depth (rows enter at their own layer);
+    ``n_scored`` = scored positions (default ``suffix_len``);
     ``scaled_layers`` = distinct layers scaled in the micro-batch (default ``ceil(rows / 20)``, 20 IG steps);
     ``scored_layers`` = layers the sample is scored on (``AttributionConfig.layers``; default all); ``memory_mb``
     = the engine's budget, whose LM-head share sets the head's chunk."""
@@ -227,8 +228,12 @@ def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype
     e = _elem(dtype)
     L, d, m, H, hd = s.n_layers, s.d_model, s.d_mlp, s.n_heads, s.head_dim
     kv = s.n_kv_heads * hd
-    D = L if depth is None else max(1, min(int(depth), L))
     S, P, R = int(suffix_len), int(prefix_len), int(rows)
+    Ds = [max(1, min(int(x), L)) for x in depth] if isinstance(depth, (list, tuple)) else \
+        [L if depth is None else max(1, min(int(depth), L))] * R
+    if len(Ds) != R:
+        raise CaplocError(f"{len(Ds)} row depths for {R} rows")
+    RD, RD1 = sum(Ds), sum(x - 1 for x in Ds)  # R D and R (D - 1), summed row by row
     n = S if n_scored is None else int(n_scored)
     h = max(1, math.ceil(R / 20)) if scaled_layers is None else int(scaled_layers)
     k = L if scored_layers is None else max(1, min(int(scored_layers), L))
@@ -236,16 +241,16 @@ def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype
     repeat = s.n_kv_heads < H and (attn == "eager" or P > 0)
     attn_extra = 0
     if repeat:
-        attn_extra += R * (D - 1) * 2 * H * hd * K * e
+        attn_extra += RD1 * 2 * H * hd * K * e
     if attn == "sdpa" and P > 0:
-        attn_extra += R * (D - 1) * S * K * e  # the mask, saved per layer
+        attn_extra += RD1 * S * K * e  # the mask, saved per layer
     if attn == "eager":
-        attn_extra += R * (D - 1) * H * S * K * (4 + (e if e < 4 else 0))
+        attn_extra += RD1 * H * S * K * (4 + (e if e < 4 else 0))
     terms = {
         "weights": s.n_params * e if include_weights else 0,
         "sample_state": 2 * L * kv * P * e + L * S * d * e + L * S * m * e + (k * S * m * 4 if e < 4 else 0),
-        "kv_cache": R * 2 * kv * D * (P + S) * e,
-        "saved_activations": R * S * (D - 1) * activation_bytes_per_token_layer(s, dtype, attn) + R * S * d * 4
+        "kv_cache": 2 * kv * RD * (P + S) * e,
+        "saved_activations": S * RD1 * activation_bytes_per_token_layer(s, dtype, attn) + R * S * d * 4
         + attn_extra,
         "logits": _head_bytes(s, R * n, dtype, budgets(memory_mb).head, grad=True),
         "backward_transients": R * S * (2 * d + 3 * m) * e + h * R * S * m * e,
@@ -284,13 +289,16 @@ def gxa_sample_bytes(shape: ModelShape, seq_len: int, dtype="float32", grad: boo
     """Bytes one sample of ``seq_len`` tokens costs a grad x act (``grad``) or activation batch, beyond the LM head's
     chunk: what autograd saves in every layer (:func:`activation_bytes_per_token_layer`, the final norm's input),
     the captured neuron activations of every layer, and the returned gradients (one per layer) at the end of the
-    backward; eager attention also keeps its probabilities. Forward only: one layer's transients and the captures."""
+    backward; grouped-query attention saves its repeated keys/values (SDPA with the padding mask, eager always),
+    eager attention also its probabilities. Forward only: one layer's transients and the captures."""
     e = _elem(dtype)
     L, d, m, T = shape.n_layers, shape.d_model, shape.d_mlp, int(seq_len)
     capt = L * T * m * e
     if not grad:
         return capt + T * (4 * d + 3 * m) * e + (shape.n_heads * T * T * 4 if attn == "eager" else 0)
     saved = T * L * activation_bytes_per_token_layer(shape, dtype, attn) + T * d * 4
+    if shape.n_kv_heads < shape.n_heads:  # grouped-query K/V repeated for the attention (a padded batch has a mask)
+        saved += T * L * 2 * shape.n_heads * shape.head_dim * e
     if attn == "eager":
         saved += L * shape.n_heads * T * T * (4 + (e if e < 4 else 0))
     return saved + 2 * capt + T * (2 * d + 3 * m) * e
@@ -323,6 +331,87 @@ def bare_forward_backward_bytes(config, seq_len: int, n_scored: int | None = Non
              "logits": T * s.vocab * (12 + e), "backward_transients": T * (2 * s.d_model + 3 * s.d_mlp) * e}
     terms["total"] = sum(terms.values())
     return terms
+
+
+def ig_sample_peak_bytes(config, seq_len: int, prompt_len: int, alphas: list[float], weights: list[float], *,
+                         layers: list[int] | None = None, completeness: bool = True, memory_mb: float = 2048.0,
+                         max_rows: int = 256, dtype="float32", attn: str = "sdpa", include_weights: bool = True) -> dict:
+    """Predicted peak bytes of exact IG on one sample of ``seq_len`` tokens (``prompt_len`` of prompt; objective
+    ``logprob``, ``positions=all``, with reuse) as the engine runs it: the clean run (a forward + backward of one row
+    through every layer, recording block outputs and activations), then the (layer, alpha) rows packed top layer
+    first into micro-batches the way ``Attributor._chunk_len`` packs them (:func:`engine_row_bytes` against the rows'
+    share of ``memory_mb``), each micro-batch's peak by :func:`ig_peak_bytes` with every row at its own depth. Returns
+    ``{"total", "clean", "micro_batch", "rows", "batches"}``: the worst micro-batch's peak and row count, and every
+    micro-batch as ``(rows, with_gradient)`` in the engine's order."""
+    s = _shape(config)
+    L = s.n_layers
+    S, n = int(seq_len) - 1, int(seq_len) - int(prompt_len)
+    scored = list(range(L)) if layers is None else sorted(set(layers))
+    b = budgets(memory_mb)
+    w_one = sum(w for a, w in zip(alphas, weights) if a == 1.0)
+    grad_rows, fwd_rows = [], []
+    for l in sorted(scored, reverse=True):
+        for a, w in zip(alphas, weights):
+            if not (w_one and a == 1.0):
+                (grad_rows if w else fwd_rows).append(l)
+        if completeness and 0.0 not in alphas:
+            fwd_rows.append(l)
+    fwd_rows = sorted(fwd_rows + [scored[len(scored) // 2]], reverse=True)  # + the reuse guard
+    base = ig_peak_bytes(s, 1, S, 0, dtype, n_scored=n, scored_layers=len(scored), attn=attn,
+                         include_weights=include_weights, memory_mb=memory_mb)
+    fixed = base["weights"] + base["sample_state"]
+    e = _elem(dtype)
+    # the clean run: one row through all layers with a backward when alpha = 1 is a point, its activations recorded
+    clean = fixed + gxa_sample_bytes(s, S, dtype, bool(w_one), attn) + _head_bytes(s, n, dtype, b.head, bool(w_one))
+    worst, worst_rows, batches = 0, 0, []
+    for rows, grad in ((grad_rows, True), (fwd_rows, False)):
+        i = 0
+        while i < len(rows):
+            r, total = 0, 0
+            while i + r < len(rows) and r < max_rows:
+                c = engine_row_bytes(s, S, n, dtype, L - rows[i + r], 0, grad)
+                if r > 0 and total + c > b.rows:
+                    break
+                total, r = total + c, r + 1
+            chunk = rows[i : i + r]
+            batches.append((r, grad))
+            if grad:
+                t = ig_peak_bytes(s, r, S, 0, dtype, n_scored=n, depth=[L - l for l in chunk],
+                                  scaled_layers=len(set(chunk)), scored_layers=len(scored), attn=attn,
+                                  include_weights=include_weights, memory_mb=memory_mb)["total"]
+            else:  # forward only: the rows' KV cache and one layer's transients, the head without a backward
+                t = fixed + sum(2 * s.n_kv_heads * s.head_dim * (L - l) * S * e for l in chunk) \
+                    + r * S * (4 * s.d_model + 3 * s.d_mlp) * e + _head_bytes(s, r * n, dtype, b.head, False)
+            if t > worst:
+                worst, worst_rows = t, r
+            i += r
+    return {"total": max(clean, worst), "clean": clean, "micro_batch": worst, "rows": worst_rows, "batches": batches}
+
+
+def gxa_run_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], *, batch_size: int = 8,
+                       memory_mb: float = 2048.0, grad: bool = True, dtype="float32", attn: str = "sdpa",
+                       include_weights: bool = True) -> dict:
+    """Predicted peak bytes of grad x act (``grad``) or activation over samples in the given order, batched the way
+    ``Attributor._gxa_len`` batches them (at most ``batch_size``, padded to the longest, within the rows' share of
+    ``memory_mb``). Returns ``{"total", "batch", "batches"}``: the worst batch's peak and size, and every batch's size."""
+    s = _shape(config)
+    rows_budget = budgets(memory_mb).rows
+    worst, worst_b, i, sizes = 0, 0, 0, []
+    while i < len(seq_lens):
+        nb, T = 0, 0
+        while i + nb < len(seq_lens) and nb < batch_size:
+            T_new = max(T, seq_lens[i + nb])
+            if nb > 0 and (nb + 1) * gxa_sample_bytes(s, T_new, dtype, grad, attn) > rows_budget:
+                break
+            nb, T = nb + 1, T_new
+        n = sum(seq_lens[j] - prompt_lens[j] for j in range(i, i + nb))
+        t = gxa_peak_bytes(s, nb, T, n, dtype, grad=grad, attn=attn, memory_mb=memory_mb,
+                           include_weights=include_weights)["total"]
+        if t > worst:
+            worst, worst_b = t, nb
+        sizes.append(nb)
+        i += nb
+    return {"total": worst, "batch": worst_b, "batches": sizes}
 
 
 def plan(config, seq_len: int, dtype="bfloat16", gpu_mem_gb: float = 80.0, *, prefix_len: int = 0,
@@ -398,5 +487,5 @@ def format_plan(p: dict) -> str:
 
 __all__ = ["ModelShape", "count_params", "Budgets", "budgets", "auto_budget_mb", "attribution_budgets",
            "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes", "gxa_sample_bytes",
-           "gxa_peak_bytes", "bare_forward_backward_bytes", "plan", "auto_memory_mb", "format_plan", "HEAD_SHARE",
+           "gxa_peak_bytes", "bare_forward_backward_bytes", "ig_sample_peak_bytes", "gxa_run_peak_bytes", "plan", "auto_memory_mb", "format_plan", "HEAD_SHARE",
            "HEAD_CAP", "chunk_tokens", "bytes_per_logit"]

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -236,11 +236,15 @@ class Attributor:
         """The model's dimensions for the memory estimates (parameters are not counted: not needed here)."""
         if self._shape is None:
             cfg = self.model.config
-            heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 8)
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
-            self._shape = ModelShape(self.site.n_layers, self.site.d_model, self.site.d_mlp, heads, heads,
-                                     self.site.d_model // heads, vocab, 0,
-                                     softcap=bool(getattr(cfg, "final_logit_softcapping", None)))
+            try:  # a transformers config: its kv heads, head size, gating and soft-cap
+                shape = ModelShape.from_config(cfg, n_params=0)
+            except (CaplocError, AttributeError):  # a hand-written model: what the site knows
+                heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 8)
+                shape = ModelShape(self.site.n_layers, self.site.d_model, self.site.d_mlp, heads, heads,
+                                   self.site.d_model // heads, vocab, 0)
+            self._shape = replace(shape, n_layers=self.site.n_layers, d_model=self.site.d_model,
+                                  d_mlp=self.site.d_mlp, vocab=vocab)
         return self._shape
 
     def _logprobs(self, targets, positions, **inputs) -> torch.Tensor:
