@@ -1,6 +1,6 @@
 """Peak memory per verb and vocabulary, before and after the chunked LM head (run by hand; prints a table and ratios).
 
-    .venv/bin/python benchmarks/memory.py [--models default,32k,262k] [--cases fwd_bwd,gxa,ig,ig512]
+    .venv/bin/python benchmarks/memory.py [--models default,32k,262k] [--cases fwd_bwd,gxa,ig,ig2048]
                                           [--n 4] [--steps 2] [--before REF | --before none] [--json OUT]
 
 Each (model, case, code) runs in a fresh subprocess (``nice``, ``OMP_NUM_THREADS=1``) that loads the model, touches
@@ -19,9 +19,10 @@ Cases (samples: the first ``--n`` of 8 gsm_symbolic problems with their gold cha
 * ``fwd_bwd``: a bare forward + backward of the IG sample (the shortest of the 8, to keep the run short), the
   way a plain script does it: the model's full logits, log-softmax, the target tokens' log-probabilities summed,
   gradient w.r.t. the input embeddings (weights frozen, as in attribution);
-* ``gxa``: ``Attributor`` grad x activation on the ``--n`` samples (batch size 8, default ``memory_mb`` 2048);
-* ``ig`` / ``ig512``: ``Attributor`` exact IG on the IG sample, ``--steps`` steps, ``memory_mb`` 2048 (the default) /
-  512; the objective and a checksum of the scores are printed, so equal scores under both budgets can be checked;
+* ``gxa``: ``Attributor`` grad x activation on the ``--n`` samples (batch size 8, the default ``memory_mb``);
+* ``ig`` / ``ig2048``: ``Attributor`` exact IG on the IG sample, ``--steps`` steps, the default ``memory_mb`` (automatic:
+  512 MB on a CPU; the ``before`` code's default was 2048) / ``memory_mb=2048`` (the CLI's ``--memory-mb`` default);
+  the objective and a checksum of the scores are printed, so equal scores under both budgets can be checked;
 * ``eval``: ``caploc.evaluate.nll_sums`` on the ``--n`` samples (batch 8), the stage code as it is in the tree run;
   ``eval_lmhead``: the same NLLs through ``caploc.lmhead.row_nll`` (what ``nll_sums`` gives once wired to it).
 
@@ -46,8 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 MODELS = ("default", "32k", "262k")
-CASES = ("weights", "fwd_bwd", "gxa", "ig", "ig512", "eval", "eval_lmhead")
-DEFAULT_CASES = ("fwd_bwd", "gxa", "ig", "ig512")
+CASES = ("weights", "fwd_bwd", "gxa", "ig", "ig2048", "eval", "eval_lmhead")
+DEFAULT_CASES = ("fwd_bwd", "gxa", "ig", "ig2048")
 BEFORE_CASES = ("gxa", "ig", "eval")
 BEFORE = "4da1152"
 POOL = 8  # samples encoded; the IG sample is the shortest of them
@@ -112,14 +113,14 @@ def _case(args) -> None:
         lp = torch.log_softmax(logits[0, ig_p - 1 :].float(), -1).gather(-1, t[ig_p:, None]).sum()
         lp.backward()
         info["f"] = [round(float(lp), 4)]
-    elif args.case in ("gxa", "ig", "ig512"):
+    elif args.case in ("gxa", "ig", "ig2048"):
         from caploc.attribution.engine import AttributionConfig, Attributor
 
         if args.case == "gxa":
             cfg = AttributionConfig(method="grad_x_act")
             items = samples
         else:
-            cfg = AttributionConfig(method="ig", steps=args.steps, memory_mb=512.0 if args.case == "ig512" else 2048.0)
+            cfg = AttributionConfig(method="ig", steps=args.steps, memory_mb=2048.0 if args.case == "ig2048" or args.code == "before" else None)
             items = [(ig_ids, ig_p)]
         att = Attributor(site, cfg)
         res = att.score_batch(items)
@@ -128,7 +129,8 @@ def _case(args) -> None:
         info["scores_sum"] = float(scores.double().abs().sum())
         info["scores_sha"] = hashlib.sha256(scores.round(decimals=4).numpy().tobytes()).hexdigest()[:12]
         info["stats"] = {k: v for k, v in att.stats.items() if v}
-        info["memory_mb"] = cfg.memory_mb
+        budget = getattr(att, "budgets", None)  # the budget used (None in the config: automatic)
+        info["memory_mb"] = budget.memory_mb if budget is not None else cfg.memory_mb
     elif args.case in ("eval", "eval_lmhead"):
         from types import SimpleNamespace
 
@@ -154,14 +156,14 @@ def _case(args) -> None:
             with torch.no_grad():
                 info["f"] = [round(float(-x), 4) for x in row_nll(model, ids, tgt, att, use_cache=False)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    info.update(_predict(model, args.case, samples, (ig_ids, ig_p), args.steps))
+    info.update(_predict(model, args.case, samples, (ig_ids, ig_p), args.steps, info.get("memory_mb")))
     w_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(json.dumps({"model": args.model, "case": args.case, "code": args.code, "peak_mb": peak,
                       "loaded_mb": rss_loaded, "weights_mb": w_mb, "seconds": time.perf_counter() - t0, **info}),
           flush=True)
 
 
-def _predict(model, case, samples, ig_item, steps) -> dict:
+def _predict(model, case, samples, ig_item, steps, memory_mb) -> dict:
     """What ``caploc.memory`` predicts the case adds beyond the weights (MB), where the code run has the predictors."""
     try:
         from caploc import memory as cm
@@ -175,11 +177,12 @@ def _predict(model, case, samples, ig_item, steps) -> dict:
     if case == "fwd_bwd":
         b = cm.bare_forward_backward_bytes(shape, len(ids) - 1, len(ids) - P, **kw)["total"]
     elif case == "gxa":
-        b = cm.gxa_run_peak_bytes(shape, [len(i) for i, _ in samples], [p for _, p in samples], **kw)["total"]
-    elif case in ("ig", "ig512"):
+        b = cm.gxa_run_peak_bytes(shape, [len(i) for i, _ in samples], [p for _, p in samples],
+                                  memory_mb=memory_mb, **kw)["total"]
+    elif case in ("ig", "ig2048"):
         m = 1.0 / steps
         b = cm.ig_sample_peak_bytes(shape, len(ids), P, [k * m for k in range(1, steps + 1)], [m] * steps,
-                                    memory_mb=512.0 if case == "ig512" else 2048.0, **kw)["total"]
+                                    memory_mb=memory_mb, **kw)["total"]
     else:
         return {}
     return {"predicted_mb": b / 2**20}
@@ -280,7 +283,7 @@ def _table(rows: list[dict]) -> None:
         fb = by.get((m, "fwd_bwd", "after"))
         for c, code in keys:
             r = by.get((m, c, code))
-            if fb and r and c in ("gxa", "ig", "ig512"):
+            if fb and r and c in ("gxa", "ig", "ig2048"):
                 print(f"  {m}: {c} ({code}) / bare fwd+bwd peak = {r['peak_mb'] / fb['peak_mb']:.2f}x")
     for m in models:
         for c in ("gxa", "ig", "eval"):
@@ -290,9 +293,9 @@ def _table(rows: list[dict]) -> None:
                 print(f"  {m}: {c} after / before peak = {a['peak_mb'] / b['peak_mb']:.2f}x; objective"
                       f"{' and scores' if 'scores_sha' in a else 's'} {'equal' if same else 'DIFFER'} "
                       f"(4 decimals){'' if same else ': ' + str(a.get('f')) + ' vs ' + str(b.get('f'))}")
-        a, b = by.get((m, "ig", "after")), by.get((m, "ig512", "after"))
+        a, b = by.get((m, "ig", "after")), by.get((m, "ig2048", "after"))  # ig: the automatic budget
         if a and b:
-            print(f"  {m}: IG under 512 MB vs 2048 MB: scores {'equal' if a['scores_sha'] == b['scores_sha'] else 'DIFFER'}"
+            print(f"  {m}: IG under {a['memory_mb']:.0f} MB vs 2048 MB: scores {'equal' if a['scores_sha'] == b['scores_sha'] else 'DIFFER'}"
                   f", {b['seconds']:.0f} s vs {a['seconds']:.0f} s")
 
 

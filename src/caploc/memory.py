@@ -178,9 +178,10 @@ def _mem_available() -> float | None:
     return None
 
 
-#: on the CPU an automatic budget takes half the available memory but at most this (larger micro-batches do not
-#: speed up a CPU; the peak stays near the CLI's default)
-CPU_AUTO_CAP_MB = 2048.0
+#: on the CPU an automatic budget is at most this: measured on SmolLM2-135M (benchmarks/memory.py, docs/memory.md),
+#: exact IG under 512 MB runs as fast as under 2048 MB (a CPU gains nothing from larger micro-batches) and peaks at
+#: about 1.5x a bare forward + backward instead of 2.7x
+CPU_AUTO_CAP_MB = 512.0
 
 
 def auto_budget_mb(model, *, reserve_gb: float = 1.0, safety: float = 0.9) -> float:

@@ -72,7 +72,9 @@ class AttributionConfig:
     layers: list[int] | None = None  # None = all layers
     completeness: bool = True  # also run alpha = 0 rows and report the completeness gap
     reuse: bool = True  # causal reuse + layer skipping (False: plain full-sequence rows, for reference)
-    memory_mb: float | None = 2048.0  # budget of one forward/backward (rows, samples, LM-head chunks); None: auto
+    #: budget of one forward/backward beyond the weights (IG rows, grad x act samples, LM-head chunks); None: from free
+    #: memory (caploc.memory.auto_budget_mb: on the CPU at most 512 MB)
+    memory_mb: float | None = None
     max_rows: int = 256  # at most this many IG rows in one micro-batch
     batch_size: int = 8  # samples per batch for grad_x_act / activation
 
