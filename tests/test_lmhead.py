@@ -20,6 +20,12 @@ from caploc.models.tiny import tiny_model
 from .toy import ToyLM
 
 
+@pytest.fixture(autouse=True)
+def _no_chunk_floor(monkeypatch):
+    """Budgets here are a few logits, to exercise the chunking on tiny vocabularies: no floor on the chunk size."""
+    monkeypatch.setattr(lmhead, "MIN_CHUNK", 1)
+
+
 def _rel(a, b):
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
@@ -171,6 +177,12 @@ def test_chunk_sizes_by_hand():
     # 262k vocabulary, fp32 with a backward, 128 MiB: 32 positions per chunk; a 32k vocabulary gets 8x more
     assert chunk_tokens(262144, 128 * 2**20) == 32 and chunk_tokens(32768, 128 * 2**20) == 256
     assert chunk_tokens(262144, 1) == 1
+
+
+def test_chunks_have_a_floor_of_min_chunk_positions(monkeypatch):
+    monkeypatch.setattr(lmhead, "MIN_CHUNK", 32)
+    assert chunk_tokens(262144, 1) == 32 and chunk_tokens(262144, 128 * 2**20) == 32
+    assert chunk_tokens(32768, 128 * 2**20) == 256
     assert lmhead.head_peak_bytes(262144, 10, 128 * 2**20) == 10 * 262144 * 16
 
 

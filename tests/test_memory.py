@@ -9,7 +9,7 @@ import torch
 
 from caploc.attribution.engine import AttributionConfig, Attributor
 from caploc.errors import CaplocError
-from caploc.lmhead import chunk_tokens
+from caploc.lmhead import MIN_CHUNK, chunk_tokens
 from caploc.memory import (HEAD_CAP, HEAD_SHARE, ModelShape, activation_bytes_per_token_layer, auto_memory_mb, budgets,
                            count_params, engine_row_bytes, gxa_run_peak_bytes, ig_peak_bytes, ig_sample_peak_bytes,
                            plan)
@@ -217,6 +217,6 @@ def test_budget_split_gives_the_lm_head_a_vocabulary_aware_chunk():
     assert budgets(1e6).head == HEAD_CAP
     # a 262k vocabulary gets 8x fewer positions per chunk than a 32k one, never fewer than one
     k32, k262 = chunk_tokens(32768, b.head), chunk_tokens(262144, b.head)
-    assert k32 == 8 * k262 and chunk_tokens(262144, 1.0) == 1
+    assert k32 == 8 * k262 and chunk_tokens(262144, 1.0) == MIN_CHUNK
     with pytest.raises(CaplocError):
         budgets(0)

@@ -25,7 +25,8 @@ logits                  the chunked LM head (``caploc.lmhead``): one chunk of ``
                         ``min(k, R n) V b`` with ``b`` = :func:`caploc.lmhead.bytes_per_logit` (logits in the
                         model's dtype, their fp32 copy, log-softmax and, in the backward, its gradients), plus the
                         gathered hidden states of the scored positions ``R n d e`` (kept for the recomputation);
-                        ``k`` fills the LM-head share of the budget (:func:`budgets`). Before the chunked head this
+                        ``k`` fills the LM-head share of the budget (:func:`budgets`), at least
+                        :data:`caploc.lmhead.MIN_CHUNK` positions (a matmul-efficiency floor). Before the chunked head this
                         term was ``R n V (12 + e)``: every row's logits at once
 backward transients     ``R S (2 d + 3 m) e`` (gradient buffers of one layer) and the returned neuron gradients
                         ``h R S m e`` for the ``h`` layers scaled in the micro-batch
