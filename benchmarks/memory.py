@@ -252,6 +252,10 @@ def main(argv=None) -> None:
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
 
 
+def _close(a, b, rel: float = 1e-5) -> bool:
+    return a is None and b is None or (a is not None and b is not None and abs(a - b) <= rel * max(abs(b), 1e-30))
+
+
 def _table(rows: list[dict]) -> None:
     by = {(r["model"], r["case"], r["code"]): r for r in rows}
     models = [m for m in MODELS if any(k[0] == m for k in by)]
@@ -289,13 +293,14 @@ def _table(rows: list[dict]) -> None:
         for c in ("gxa", "ig", "eval"):
             a, b = by.get((m, c, "after")), by.get((m, c, "before"))
             if a and b:
-                same = a.get("f") == b.get("f") and a.get("scores_sha") == b.get("scores_sha")
+                same = a.get("f") == b.get("f") and _close(a.get("scores_sum"), b.get("scores_sum"))
                 print(f"  {m}: {c} after / before peak = {a['peak_mb'] / b['peak_mb']:.2f}x; objective"
                       f"{' and scores' if 'scores_sha' in a else 's'} {'equal' if same else 'DIFFER'} "
-                      f"(4 decimals){'' if same else ': ' + str(a.get('f')) + ' vs ' + str(b.get('f'))}")
+                      f"(objectives to 4 decimals, sum |scores| to 1e-5){'' if same else ': ' + str(a.get('f')) + ' vs ' + str(b.get('f'))}")
         a, b = by.get((m, "ig", "after")), by.get((m, "ig2048", "after"))  # ig: the automatic budget
         if a and b:
-            print(f"  {m}: IG under {a['memory_mb']:.0f} MB vs 2048 MB: scores {'equal' if a['scores_sha'] == b['scores_sha'] else 'DIFFER'}"
+            print(f"  {m}: IG under {a['memory_mb']:.0f} MB vs 2048 MB: sum |scores| "
+                  f"{'equal' if _close(a['scores_sum'], b['scores_sum']) else 'DIFFER'} (1e-5)"
                   f", {b['seconds']:.0f} s vs {a['seconds']:.0f} s")
 
 

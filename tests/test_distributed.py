@@ -296,7 +296,8 @@ def test_device_map_hooks_survive_attribution():
 # 5. out of memory raised inside the model's forward
 # ---------------------------------------------------------------------------------------------------------------------
 class _OOMAbove:
-    """A forward pre-hook on the LM head that fails like the allocator when the batch has more than ``limit`` rows."""
+    """A forward pre-hook on the final norm (its input: [rows, tokens, d]; the chunked LM head sees [positions, d])
+    that fails like the allocator when the batch has more than ``limit`` rows."""
 
     def __init__(self, module, limit: int):
         self.limit, self.raised = limit, 0
@@ -317,7 +318,7 @@ def test_oom_inside_forward_backs_off_to_the_same_scores(llama):
     # micro-batches of 2, like max_rows=2 (the 4 forward-only rows then also go 2 at a time)
     ref = Attributor(site, AttributionConfig(steps=4, max_rows=2))
     ref3 = ref.score(ids, 6)
-    oom = _OOMAbove(model.get_output_embeddings(), limit=3)
+    oom = _OOMAbove(model.model.norm, limit=3)
     try:
         att = Attributor(site, cfg)
         res = att.score(ids, 6)
@@ -334,7 +335,7 @@ def test_oom_inside_forward_grad_x_act(llama):
     site = Site(model)
     items = [(list(range(3, 3 + n)), 4) for n in (9, 12, 10, 14)]
     ref = Attributor(site, AttributionConfig(method="grad_x_act", batch_size=4)).score_batch(items)
-    oom = _OOMAbove(model.get_output_embeddings(), limit=2)
+    oom = _OOMAbove(model.model.norm, limit=2)
     try:
         att = Attributor(site, AttributionConfig(method="grad_x_act", batch_size=4))
         res = att.score_batch(items)

@@ -145,7 +145,7 @@ def test_chunks_respect_the_budget_forward_and_backward(tiny_models):
     assert k == 5
     _, positions, targets, w, hidden = _case(model, B=3, T=11, n=7)  # 21 positions -> 3 x (3 rows x 1 position)
     seen = []
-    hk = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0] * a[0].shape[1]))
+    hk = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].numel() // a[0].shape[-1]))
     saved = []
 
     def pack(t):

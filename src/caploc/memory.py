@@ -47,12 +47,17 @@ they use ``a = (4 d + 6 m) e + 2 d 4`` as a conservative default.
 Budgets. ``memory_mb`` (``AttributionConfig``, ``--memory-mb``) is the budget of one forward/backward beyond the
 weights; :func:`budgets` splits it into the LM head's share (1/16, at most 256 MiB: the chunk size, vocabulary-aware)
 and the rest, which sets the rows per IG micro-batch (:func:`engine_row_bytes`, the engine's own per-row charge) and
-the samples per grad x act / activation batch (:func:`gxa_sample_bytes`). Without a ``memory_mb``,
-:func:`auto_budget_mb` derives one from the free memory of the model's device.
+the samples per grad x act / activation batch (:func:`gxa_sample_bytes`). Without a ``memory_mb`` (the engine's
+default), :func:`auto_budget_mb` derives one from the free memory of the model's device (on the CPU: at most 512 MB).
+
+Whole runs: :func:`gxa_run_peak_bytes` and :func:`ig_sample_peak_bytes` batch samples / pack IG rows exactly as the
+engine does (tested) and take the worst batch's peak by the terms above; :func:`bare_forward_backward_bytes` is the
+plain script's peak, for comparison. The terms count tensors; a process's RSS adds the runtime (~250 MB for Python +
+torch) and allocator slack. Checked against CPU peak RSS on SmolLM2-135M and random 32k / 262k-vocabulary models of its
+shape by ``benchmarks/memory.py`` (docs/memory.md has the table, prediction next to measurement).
 
 The planner reserves ``reserve_gb`` (accelerator context, allocator workspace) and uses ``safety`` of the device
-(default 0.9, for allocator fragmentation). Checked against CPU peaks (VmHWM) on SmolLM2-135M
-(``benchmarks/scaling.py memory``; docs/scaling.md has the table). GPU peaks are not measured here.
+(default 0.9, for allocator fragmentation). GPU peaks are not measured here (no GPU was available).
 """
 from __future__ import annotations
 
