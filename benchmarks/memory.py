@@ -301,7 +301,7 @@ def _table(rows: list[dict]) -> None:
         if a and b:
             print(f"  {m}: IG under {a['memory_mb']:.0f} MB vs 2048 MB: sum |scores| "
                   f"{'equal' if _close(a['scores_sum'], b['scores_sum']) else 'DIFFER'} (1e-5)"
-                  f", {b['seconds']:.0f} s vs {a['seconds']:.0f} s")
+                  f", {a['seconds']:.0f} s vs {b['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
