@@ -1,8 +1,7 @@
 """Scale-out: data-parallel runs equal single-process runs bit for bit, dead ranks do not hang the others, models split
-by a device map score like unsplit ones, out-of-memory inside the forward backs off, and the memory formula."""
+by a device map score like unsplit ones, out-of-memory inside the forward backs off (the memory formula: test_memory.py)."""
 from __future__ import annotations
 
-import math
 import os
 import socket
 import subprocess
@@ -21,7 +20,6 @@ from caploc import distributed as cd
 from caploc.attribution.engine import AttributionConfig, Attributor
 from caploc.errors import CaplocError
 from caploc.hooks import count_hooks
-from caploc.memory import ModelShape, activation_bytes_per_token_layer, count_params, ig_peak_bytes, plan
 from caploc.models.layouts import Site
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +297,8 @@ def test_device_map_hooks_survive_attribution():
 # 5. out of memory raised inside the model's forward
 # ---------------------------------------------------------------------------------------------------------------------
 class _OOMAbove:
-    """A forward pre-hook on the LM head that fails like the allocator when the batch has more than ``limit`` rows."""
+    """A forward pre-hook on the final norm (its input: [rows, tokens, d]; the chunked LM head sees [positions, d])
+    that fails like the allocator when the batch has more than ``limit`` rows."""
 
     def __init__(self, module, limit: int):
         self.limit, self.raised = limit, 0
@@ -320,7 +319,7 @@ def test_oom_inside_forward_backs_off_to_the_same_scores(llama):
     # micro-batches of 2, like max_rows=2 (the 4 forward-only rows then also go 2 at a time)
     ref = Attributor(site, AttributionConfig(steps=4, max_rows=2))
     ref3 = ref.score(ids, 6)
-    oom = _OOMAbove(model.get_output_embeddings(), limit=3)
+    oom = _OOMAbove(model.model.norm, limit=3)
     try:
         att = Attributor(site, cfg)
         res = att.score(ids, 6)
@@ -337,7 +336,7 @@ def test_oom_inside_forward_grad_x_act(llama):
     site = Site(model)
     items = [(list(range(3, 3 + n)), 4) for n in (9, 12, 10, 14)]
     ref = Attributor(site, AttributionConfig(method="grad_x_act", batch_size=4)).score_batch(items)
-    oom = _OOMAbove(model.get_output_embeddings(), limit=2)
+    oom = _OOMAbove(model.model.norm, limit=2)
     try:
         att = Attributor(site, AttributionConfig(method="grad_x_act", batch_size=4))
         res = att.score_batch(items)
@@ -346,136 +345,3 @@ def test_oom_inside_forward_grad_x_act(llama):
     assert oom.raised == 1 and att.stats["oom_backoffs"] == 1 and att._gxa_cap == 2
     for a, b in zip(res, ref):
         assert torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 6. memory formula
-# ---------------------------------------------------------------------------------------------------------------------
-SMALL = ModelShape(n_layers=2, d_model=4, d_mlp=8, n_heads=2, n_kv_heads=1, head_dim=2, vocab=10, n_params=100)
-
-
-def test_memory_formula_by_hand():
-    # fp32 (e = 4), SDPA, R = 3 rows, S = 5, P = 2, n = 4 scored, D = L = 2, h = 1
-    t = ig_peak_bytes(SMALL, 3, 5, 2, "float32", n_scored=4, scaled_layers=1)
-    a = 2 * 4 * 4 + 2 * 4 * 4 + 3 * 8 * 4  # 2 fp32 norm inputs + query and SDPA output + 3 MLP vectors = 160
-    assert activation_bytes_per_token_layer(SMALL, "float32", "sdpa") == a == 160
-    assert t["weights"] == 400
-    assert t["sample_state"] == 2 * 2 * 2 * 2 * 4 + 2 * 5 * 4 * 4 + 2 * 5 * 8 * 4  # prefix KV + blocks + acts = 512
-    assert t["kv_cache"] == 3 * 2 * 2 * (2 * 2 + 2 * 5) * 4  # = 672
-    # (D-1) layers x a, final norm input, GQA repeat with a prefix: 2 H hd (P+S), and the saved SDPA mask S (P+S)
-    assert t["saved_activations"] == 3 * 5 * 1 * 160 + 3 * 5 * 4 * 4 + 3 * 1 * 2 * 2 * 2 * 7 * 4 + 3 * 1 * 5 * 7 * 4
-    assert t["logits"] == 3 * 4 * 10 * 16
-    assert t["backward_transients"] == 3 * 5 * (2 * 4 + 3 * 8) * 4 + 1 * 3 * 5 * 8 * 4
-    assert t["total"] == sum(v for k, v in t.items() if k != "total")
-    # bf16: weights and most activations halve; the RMSNorm fp32 copies do not
-    assert activation_bytes_per_token_layer(SMALL, "bfloat16", "sdpa") == 2 * 4 * 4 + 2 * 4 * 2 + 3 * 8 * 2
-    tb = ig_peak_bytes(SMALL, 3, 5, 2, "bfloat16", scored_layers=1)
-    assert tb["weights"] == 200
-    # bf16 sample state: prefix KV, blocks and captured activations in bf16, fp32 copies of the one scored layer
-    assert tb["sample_state"] == 2 * 2 * 2 * 2 * 2 + 2 * 5 * 4 * 2 + 2 * 5 * 8 * 2 + 1 * 5 * 8 * 4
-
-
-def test_memory_formula_is_monotone():
-    base = ig_peak_bytes(SMALL, 4, 16, 8)["total"]
-    assert ig_peak_bytes(SMALL, 5, 16, 8)["total"] > base
-    assert ig_peak_bytes(SMALL, 4, 17, 8)["total"] > base
-    assert ig_peak_bytes(SMALL, 4, 16, 9)["total"] > base
-    assert ig_peak_bytes(SMALL, 4, 16, 8, depth=1)["total"] < base
-    assert ig_peak_bytes(SMALL, 4, 16, 8, "bfloat16")["total"] < base
-    totals = [ig_peak_bytes(SMALL, r, 32)["total"] for r in range(1, 40)]
-    assert all(b > a for a, b in zip(totals, totals[1:]))
-
-
-def test_memory_formula_matches_what_autograd_saves(llama):
-    """Saved-for-backward bytes of the deepest micro-batch, counted exactly with saved_tensors_hooks, against the
-    formula's saved-activation + log-softmax terms (eager attention with GQA on the tiny Llama)."""
-    model = llama
-    site = Site(model)
-    shape = ModelShape.from_model(model)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    for R, T, P in ((6, 40, 0), (4, 40, 15)):
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        # R rows with a backward: steps R + 1, as the alpha = 1 point comes from the clean run
-        cfg = AttributionConfig(steps=R + 1, layers=[0], completeness=False, max_rows=R,
-                                positions="all" if P == 0 else "target")
-        att = Attributor(site, cfg)
-        real = att._ig_chunk
-
-        def chunk(*a, _real=real, **k):
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                return _real(*a, **k)
-
-        att._ig_chunk = chunk
-        ids = list(range(3, 3 + T + 1))
-        prompt = T // 2 if P == 0 else P + 1
-        att.score(ids, prompt)
-        S, n = T - P, T + 1 - prompt
-        pred = ig_peak_bytes(shape, R, S, P, "float32", n_scored=n, attn="eager", scaled_layers=1)
-        expect = pred["saved_activations"] + R * n * shape.vocab * 4  # + the saved log-softmax
-        measured = sum(saved.values())
-        assert 0.9 <= measured / expect <= 1.1, (R, T, P, measured, expect)
-
-
-def test_count_params_on_meta_and_the_7b_plan():
-    from transformers import LlamaConfig
-
-    small = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128)
-    n = count_params(small)
-    d, m, V, kv = 32, 48, 128, 2 * 8
-    assert n == 2 * V * d + 2 * (2 * d * d + 2 * d * kv + 3 * d * m + 2 * d) + d  # untied embeddings
-    # Llama-2-7B: shape from its config, parameter count in closed form (count_params on the meta device gives the
-    # same 6,738,415,616; the benchmark's plan command does that)
-    cfg7 = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                       vocab_size=32000)
-    d, m, V, L = 4096, 11008, 32000, 32
-    n7 = 2 * V * d + L * (4 * d * d + 3 * d * m + 2 * d) + d
-    assert n7 == 6_738_415_616
-    p = plan(ModelShape.from_config(cfg7, n_params=n7), 512, "bfloat16", 80)
-    assert p["fits"] and p["rows"] >= 8 and p["peak_gb"] <= 80 * 0.9
-    assert math.isclose(p["weights_gb"], n7 * 2 / 2**30)
-    assert not plan(ModelShape.from_config(cfg7, n_params=n7), 512, "bfloat16", 12)["fits"]
-    with pytest.raises(CaplocError):
-        plan(SMALL, 1, "bfloat16", 80)
-
-
-def test_auto_memory_mb_from_free_device_memory(monkeypatch, llama):
-    from transformers import LlamaConfig
-
-    from caploc.memory import auto_memory_mb, engine_row_bytes
-
-    assert auto_memory_mb(llama, 128) is None  # CPU: keep the configured budget
-
-    class Param:  # a parameter on an accelerator (none here): device, dtype and size are all that is read
-        device, dtype = torch.device("xpu", 0), torch.bfloat16
-
-        def numel(self):
-            return 6_738_415_616
-
-        def element_size(self):
-            return 2
-
-    class Model:
-        config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                             vocab_size=32000)
-
-        def parameters(self):
-            return iter([Param()])
-
-    free = 60 * 2**30
-    monkeypatch.setattr(torch.accelerator, "get_memory_info", lambda dev: (free, 80 * 2**30))
-    mb = auto_memory_mb(Model(), 512)
-    shape = ModelShape.from_model(Model())
-    p = plan(shape, 512, "bfloat16", (free + shape.n_params * 2) / 2**30)
-    assert mb == p["memory_mb"] and p["rows"] >= 8
-    # the engine packs the planned number of rows with that budget (its own estimate per row, at full depth)
-    assert int(mb * 2**20 // engine_row_bytes(shape, 511, 511, "bfloat16")) == p["rows"]
-    monkeypatch.setattr(torch.accelerator, "get_memory_info", lambda dev: (2**30, 80 * 2**30))
-    with pytest.raises(CaplocError, match="GB are free"):
-        auto_memory_mb(Model(), 512)

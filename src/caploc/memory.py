@@ -21,7 +21,13 @@ KV cache x rows         ``R 2 kv D (P + S) e``: each run layer concatenates the 
                         ``R (D-1) 2 H hd (P+S) e``, and SDPA with a mask saves the mask: ``R (D-1) S (P+S) e``
 saved for backward      ``R S (D-1) a`` with ``a`` bytes per token per layer (below), the final norm's input
                         ``R S d 4``, and eager attention's probabilities ``R (D-1) H S (P+S) (4 [+ e if e < 4])``
-logits                  ``R n V (12 + e)``: logits, fp32 log-softmax (saved), and the two gradients in backward
+logits                  the chunked LM head (``caploc.lmhead``): one chunk of ``k`` scored positions at a time,
+                        ``min(k, R n) V b`` with ``b`` = :func:`caploc.lmhead.bytes_per_logit` (logits in the
+                        model's dtype, their fp32 copy, log-softmax and, in the backward, its gradients), plus the
+                        gathered hidden states of the scored positions ``R n d e`` (kept for the recomputation);
+                        ``k`` fills the LM-head share of the budget (:func:`budgets`), at least
+                        :data:`caploc.lmhead.MIN_CHUNK` positions (a matmul-efficiency floor). Before the chunked head this
+                        term was ``R n V (12 + e)``: every row's logits at once
 backward transients     ``R S (2 d + 3 m) e`` (gradient buffers of one layer) and the returned neuron gradients
                         ``h R S m e`` for the ``h`` layers scaled in the micro-batch
 ======================  =============================================================================================
@@ -38,18 +44,31 @@ The lowest run layer saves nothing before its scaled neurons (its input is a rep
 ``D - 1``. GPT-2 / GPT-J / NeoX blocks (LayerNorm, GELU written as several ops, fused QKV) are not counted op by op:
 they use ``a = (4 d + 6 m) e + 2 d 4`` as a conservative default.
 
+Budgets. ``memory_mb`` (``AttributionConfig``, ``--memory-mb``) is the budget of one forward/backward beyond the
+weights; :func:`budgets` splits it into the LM head's share (1/16, at most 256 MiB: the chunk size, vocabulary-aware)
+and the rest, which sets the rows per IG micro-batch (:func:`engine_row_bytes`, the engine's own per-row charge) and
+the samples per grad x act / activation batch (:func:`gxa_sample_bytes`). Without a ``memory_mb`` (the engine's
+default), :func:`auto_budget_mb` derives one from the free memory of the model's device (on the CPU: at most 512 MB).
+
+Whole runs: :func:`gxa_run_peak_bytes` and :func:`ig_sample_peak_bytes` batch samples / pack IG rows exactly as the
+engine does (tested) and take the worst batch's peak by the terms above; :func:`bare_forward_backward_bytes` is the
+plain script's peak, for comparison. The terms count tensors; a process's RSS adds the runtime (~250 MB for Python +
+torch) and allocator slack. Checked against CPU peak RSS on SmolLM2-135M and random 32k / 262k-vocabulary models of its
+shape by ``benchmarks/memory.py`` (docs/memory.md has the table, prediction next to measurement).
+
 The planner reserves ``reserve_gb`` (accelerator context, allocator workspace) and uses ``safety`` of the device
-(default 0.9, for allocator fragmentation). Checked against CPU peaks (VmHWM) on SmolLM2-135M
-(``benchmarks/scaling.py memory``; docs/scaling.md has the table). GPU peaks are not measured here.
+(default 0.9, for allocator fragmentation). GPU peaks are not measured here (no GPU was available).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from .errors import CaplocError
+from .lmhead import bytes_per_logit, chunk_tokens, head_peak_bytes
 
 GiB = 2**30
 MiB = 2**20
@@ -71,11 +90,12 @@ class ModelShape:
     n_params: int
     gated: bool = True
     model_type: str = "llama"
+    softcap: bool = False  # final logit soft-capping (Gemma 2 / 3): two more logits-sized intermediates
 
     @classmethod
-    def from_config(cls, config, n_params: int | None = None) -> "ModelShape":
+    def from_config(cls, config, n_params: int | None = None) -> ModelShape:
         """From a transformers config (no weights: the parameter count comes from a meta-device instance)."""
-        g = lambda *names, default=None: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)  # noqa: E731
+        g = lambda *names, default=None: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
         try:
             L = int(g("num_hidden_layers", "n_layer"))
             d = int(g("hidden_size", "n_embd"))
@@ -89,10 +109,11 @@ class ModelShape:
         mt = getattr(config, "model_type", "custom")
         if n_params is None:
             n_params = count_params(config)
-        return cls(L, d, m, H, kv, hd, int(config.vocab_size), int(n_params), mt in _GATED or mt == "custom", mt)
+        return cls(L, d, m, H, kv, hd, int(config.vocab_size), int(n_params), mt in _GATED or mt == "custom", mt,
+                   bool(getattr(config, "final_logit_softcapping", None)))
 
     @classmethod
-    def from_model(cls, model) -> "ModelShape":
+    def from_model(cls, model) -> ModelShape:
         return cls.from_config(model.config, n_params=sum(p.numel() for p in model.parameters()))
 
     def to_dict(self) -> dict:
@@ -120,6 +141,73 @@ def _elem(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+#: the LM head's share of a budget, and its cap (larger chunks do not make the head faster)
+HEAD_SHARE = 1 / 16
+HEAD_CAP = 256 * MiB
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """A forward/backward's budget (bytes beyond the weights), split into the LM head's chunk and the rest."""
+
+    total: float
+    head: float  # one LM-head chunk (caploc.lmhead budget_bytes)
+    rows: float  # IG rows of a micro-batch / samples of a grad x act batch
+
+    @property
+    def memory_mb(self) -> float:
+        return self.total / MiB
+
+
+def budgets(memory_mb: float) -> Budgets:
+    """Split ``memory_mb`` into the LM head's share (:data:`HEAD_SHARE`, at most :data:`HEAD_CAP`) and the rest."""
+    if not memory_mb or memory_mb <= 0:
+        raise CaplocError(f"memory_mb must be positive, got {memory_mb!r}")
+    total = float(memory_mb) * MiB
+    head = min(total * HEAD_SHARE, HEAD_CAP)
+    return Budgets(total, head, total - head)
+
+
+def _total_for_rows(rows_bytes: float) -> float:
+    """The smallest total whose :func:`budgets` leave ``rows_bytes`` for the rows (inverse of the split)."""
+    total = rows_bytes / (1 - HEAD_SHARE)
+    return total if total * HEAD_SHARE <= HEAD_CAP else rows_bytes + HEAD_CAP
+
+
+def _mem_available() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None
+
+
+#: on the CPU an automatic budget is at most this: measured on SmolLM2-135M (benchmarks/memory.py, docs/memory.md),
+#: exact IG under 512 MB runs as fast as under 2048 MB (a CPU gains nothing from larger micro-batches) and peaks at
+#: about 1.5x a bare forward + backward instead of 2.7x
+CPU_AUTO_CAP_MB = 512.0
+
+
+def auto_budget_mb(model, *, reserve_gb: float = 1.0, safety: float = 0.9) -> float:
+    """A ``memory_mb`` from free memory: on an accelerator ``safety`` x free - ``reserve_gb`` (the weights are already
+    resident), on the CPU half of ``MemAvailable`` up to :data:`CPU_AUTO_CAP_MB`; at least 64 MB."""
+    dev = next(model.parameters()).device
+    if dev.type not in ("cpu", "meta"):
+        free, _total = torch.accelerator.get_memory_info(dev)
+        mb = (free * safety - reserve_gb * GiB) / MiB
+    else:
+        avail = _mem_available()
+        mb = CPU_AUTO_CAP_MB if avail is None else min(CPU_AUTO_CAP_MB, avail / 2 / MiB)
+    return max(64.0, float(mb))
+
+
+def attribution_budgets(model, memory_mb: float | None) -> Budgets:
+    """The engine's :class:`Budgets`: from ``memory_mb``, or from :func:`auto_budget_mb` when it is None."""
+    return budgets(auto_budget_mb(model) if memory_mb is None else memory_mb)
+
+
 def activation_bytes_per_token_layer(shape: ModelShape, dtype="float32", attn: str = "sdpa") -> int:
     """Bytes saved for backward per row, per token, per run layer above the lowest (``a`` in the module docstring)."""
     e = _elem(dtype)
@@ -131,11 +219,14 @@ def activation_bytes_per_token_layer(shape: ModelShape, dtype="float32", attn: s
 
 def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype="float32", *,
                   n_scored: int | None = None, depth: int | None = None, scaled_layers: int | None = None,
-                  scored_layers: int | None = None, attn: str = "sdpa", include_weights: bool = True) -> dict:
+                  scored_layers: int | None = None, attn: str = "sdpa", include_weights: bool = True,
+                  memory_mb: float = 2048.0) -> dict:
     """Predicted peak bytes of one IG micro-batch, by term (see the module docstring). ``depth`` = layers run by the
-    micro-batch (default all: the worst case); ``n_scored`` = scored positions (default ``suffix_len``);
+    micro-batch (default all: the worst case), or a list of each row's depth (rows enter at their own layer);
+    ``n_scored`` = scored positions (default ``suffix_len``);
     ``scaled_layers`` = distinct layers scaled in the micro-batch (default ``ceil(rows / 20)``, 20 IG steps);
-    ``scored_layers`` = layers the sample is scored on (``AttributionConfig.layers``; default all)."""
+    ``scored_layers`` = layers the sample is scored on (``AttributionConfig.layers``; default all); ``memory_mb``
+    = the engine's budget, whose LM-head share sets the head's chunk."""
     s = _shape(config)
     if rows < 1 or suffix_len < 1 or prefix_len < 0:
         raise CaplocError(f"rows and suffix_len must be >= 1 and prefix_len >= 0 (got {rows}, {suffix_len}, {prefix_len})")
@@ -144,8 +235,12 @@ def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype
     e = _elem(dtype)
     L, d, m, H, hd = s.n_layers, s.d_model, s.d_mlp, s.n_heads, s.head_dim
     kv = s.n_kv_heads * hd
-    D = L if depth is None else max(1, min(int(depth), L))
     S, P, R = int(suffix_len), int(prefix_len), int(rows)
+    Ds = [max(1, min(int(x), L)) for x in depth] if isinstance(depth, (list, tuple)) else \
+        [L if depth is None else max(1, min(int(depth), L))] * R
+    if len(Ds) != R:
+        raise CaplocError(f"{len(Ds)} row depths for {R} rows")
+    RD, RD1 = sum(Ds), sum(x - 1 for x in Ds)  # R D and R (D - 1), summed row by row
     n = S if n_scored is None else int(n_scored)
     h = max(1, math.ceil(R / 20)) if scaled_layers is None else int(scaled_layers)
     k = L if scored_layers is None else max(1, min(int(scored_layers), L))
@@ -153,29 +248,177 @@ def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype
     repeat = s.n_kv_heads < H and (attn == "eager" or P > 0)
     attn_extra = 0
     if repeat:
-        attn_extra += R * (D - 1) * 2 * H * hd * K * e
+        attn_extra += RD1 * 2 * H * hd * K * e
     if attn == "sdpa" and P > 0:
-        attn_extra += R * (D - 1) * S * K * e  # the mask, saved per layer
+        attn_extra += RD1 * S * K * e  # the mask, saved per layer
     if attn == "eager":
-        attn_extra += R * (D - 1) * H * S * K * (4 + (e if e < 4 else 0))
+        attn_extra += RD1 * H * S * K * (4 + (e if e < 4 else 0))
     terms = {
         "weights": s.n_params * e if include_weights else 0,
         "sample_state": 2 * L * kv * P * e + L * S * d * e + L * S * m * e + (k * S * m * 4 if e < 4 else 0),
-        "kv_cache": R * 2 * kv * D * (P + S) * e,
-        "saved_activations": R * S * (D - 1) * activation_bytes_per_token_layer(s, dtype, attn) + R * S * d * 4
+        "kv_cache": 2 * kv * RD * (P + S) * e,
+        "saved_activations": S * RD1 * activation_bytes_per_token_layer(s, dtype, attn) + R * S * d * 4
         + attn_extra,
-        "logits": R * n * s.vocab * (12 + e),
+        "logits": _head_bytes(s, R * n, dtype, budgets(memory_mb).head, grad=True),
         "backward_transients": R * S * (2 * d + 3 * m) * e + h * R * S * m * e,
     }
     terms["total"] = sum(terms.values())
     return terms
 
 
-def engine_row_bytes(shape: ModelShape, suffix_len: int, n_scored: int, dtype="float32", depth: int | None = None) -> int:
-    """What ``Attributor._chunk_len`` charges per row against ``memory_mb`` (its own estimate, kept in sync by hand)."""
+def _head_bytes(s: ModelShape, n_tokens: int, dtype, head_budget: float, grad: bool) -> int:
+    """The chunked LM head: one chunk of logits, plus the gathered hidden states and log-probs of every scored token."""
+    dt = dtype if isinstance(dtype, torch.dtype) else _dtype(dtype)
+    return (head_peak_bytes(s.vocab, n_tokens, head_budget, dt, grad, s.softcap)
+            + n_tokens * (s.d_model * _elem(dtype) + 8))
+
+
+def _dtype(name) -> torch.dtype:
+    from .models.loading import parse_dtype
+
+    return parse_dtype(name)
+
+
+def engine_row_bytes(shape: ModelShape, suffix_len: int, n_scored: int, dtype="float32", depth: int | None = None,
+                     prefix_len: int = 0, grad: bool = True) -> int:
+    """What the engine charges one IG row against the rows' share of ``memory_mb`` (:func:`budgets`): per token and
+    run layer ``12 d + 4 m`` elements plus the attention over ``prefix + suffix`` keys (forward only: one layer's
+    worth), its copy of the prefix's keys/values in those layers, and its scored positions' hidden states for the
+    chunked LM head (no longer their logits: the head's chunk is budgeted apart)."""
     e = _elem(dtype)
     D = shape.n_layers if depth is None else depth
-    return (suffix_len * D * (12 * shape.d_model + 4 * shape.d_mlp) + 3 * n_scored * shape.vocab) * e
+    per_layer = 12 * shape.d_model + 4 * shape.d_mlp + 2 * shape.n_heads * (prefix_len + suffix_len)
+    return (suffix_len * (D if grad else 1) * per_layer + 2 * prefix_len * shape.d_model * D) * e \
+        + n_scored * (shape.d_model * e + 8)
+
+
+def gxa_sample_bytes(shape: ModelShape, seq_len: int, dtype="float32", grad: bool = True, attn: str = "sdpa") -> int:
+    """Bytes one sample of ``seq_len`` tokens costs a grad x act (``grad``) or activation batch, beyond the LM head's
+    chunk: what autograd saves in every layer (:func:`activation_bytes_per_token_layer`, the final norm's input),
+    the captured neuron activations of every layer, and the returned gradients (one per layer) at the end of the
+    backward; grouped-query attention saves its repeated keys/values (SDPA with the padding mask, eager always),
+    eager attention also its probabilities. Forward only: one layer's transients and the captures."""
+    e = _elem(dtype)
+    L, d, m, T = shape.n_layers, shape.d_model, shape.d_mlp, int(seq_len)
+    capt = L * T * m * e
+    if not grad:
+        return capt + T * (4 * d + 3 * m) * e + (shape.n_heads * T * T * 4 if attn == "eager" else 0)
+    saved = T * L * activation_bytes_per_token_layer(shape, dtype, attn) + T * d * 4
+    if shape.n_kv_heads < shape.n_heads:  # grouped-query K/V repeated for the attention (a padded batch has a mask)
+        saved += T * L * 2 * shape.n_heads * shape.head_dim * e
+    if attn == "eager":
+        saved += L * shape.n_heads * T * T * (4 + (e if e < 4 else 0))
+    return saved + 2 * capt + T * (2 * d + 3 * m) * e
+
+
+def gxa_peak_bytes(config, batch: int, seq_len: int, n_scored: int | None = None, dtype="float32", *,
+                   grad: bool = True, attn: str = "sdpa", memory_mb: float = 2048.0,
+                   include_weights: bool = True) -> dict:
+    """Predicted peak bytes of one grad x act (or activation) batch of ``batch`` samples padded to ``seq_len``
+    tokens with ``n_scored`` scored positions in all (default: every position), by term."""
+    s = _shape(config)
+    n = batch * seq_len if n_scored is None else int(n_scored)
+    terms = {"weights": s.n_params * _elem(dtype) if include_weights else 0,
+             "samples": batch * gxa_sample_bytes(s, seq_len, dtype, grad, attn),
+             "logits": _head_bytes(s, n, dtype, budgets(memory_mb).head, grad)}
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def bare_forward_backward_bytes(config, seq_len: int, n_scored: int | None = None, dtype="float32", *,
+                                attn: str = "sdpa", include_weights: bool = True) -> dict:
+    """Peak of the plain script: one sample's forward with the model's full logits, log-softmax, backward to the
+    input embeddings (weights frozen): every layer's saved tensors and the ``T x V`` logits, their fp32
+    log-softmax and gradients (``T V (12 + e)``)."""
+    s = _shape(config)
+    e = _elem(dtype)
+    T = int(seq_len)
+    saved = T * s.n_layers * activation_bytes_per_token_layer(s, dtype, attn) + T * s.d_model * 4
+    terms = {"weights": s.n_params * e if include_weights else 0, "saved_activations": saved,
+             "logits": T * s.vocab * (12 + e), "backward_transients": T * (2 * s.d_model + 3 * s.d_mlp) * e}
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def ig_sample_peak_bytes(config, seq_len: int, prompt_len: int, alphas: list[float], weights: list[float], *,
+                         layers: list[int] | None = None, completeness: bool = True, memory_mb: float = 2048.0,
+                         max_rows: int = 256, dtype="float32", attn: str = "sdpa", include_weights: bool = True) -> dict:
+    """Predicted peak bytes of exact IG on one sample of ``seq_len`` tokens (``prompt_len`` of prompt; objective
+    ``logprob``, ``positions=all``, with reuse) as the engine runs it: the clean run (a forward + backward of one row
+    through every layer, recording block outputs and activations), then the (layer, alpha) rows packed top layer
+    first into micro-batches the way ``Attributor._chunk_len`` packs them (:func:`engine_row_bytes` against the rows'
+    share of ``memory_mb``), each micro-batch's peak by :func:`ig_peak_bytes` with every row at its own depth. Returns
+    ``{"total", "clean", "micro_batch", "rows", "batches"}``: the worst micro-batch's peak and row count, and every
+    micro-batch as ``(rows, with_gradient)`` in the engine's order."""
+    s = _shape(config)
+    L = s.n_layers
+    S, n = int(seq_len) - 1, int(seq_len) - int(prompt_len)
+    scored = list(range(L)) if layers is None else sorted(set(layers))
+    b = budgets(memory_mb)
+    w_one = sum(w for a, w in zip(alphas, weights) if a == 1.0)
+    grad_rows, fwd_rows = [], []
+    for l in sorted(scored, reverse=True):
+        for a, w in zip(alphas, weights):
+            if not (w_one and a == 1.0):
+                (grad_rows if w else fwd_rows).append(l)
+        if completeness and 0.0 not in alphas:
+            fwd_rows.append(l)
+    fwd_rows = sorted(fwd_rows + [scored[len(scored) // 2]], reverse=True)  # + the reuse guard
+    base = ig_peak_bytes(s, 1, S, 0, dtype, n_scored=n, scored_layers=len(scored), attn=attn,
+                         include_weights=include_weights, memory_mb=memory_mb)
+    fixed = base["weights"] + base["sample_state"]
+    e = _elem(dtype)
+    # the clean run: one row through all layers with a backward when alpha = 1 is a point, its activations recorded
+    clean = fixed + gxa_sample_bytes(s, S, dtype, bool(w_one), attn) + _head_bytes(s, n, dtype, b.head, bool(w_one))
+    worst, worst_rows, batches = 0, 0, []
+    for rows, grad in ((grad_rows, True), (fwd_rows, False)):
+        i = 0
+        while i < len(rows):
+            r, total = 0, 0
+            while i + r < len(rows) and r < max_rows:
+                c = engine_row_bytes(s, S, n, dtype, L - rows[i + r], 0, grad)
+                if r > 0 and total + c > b.rows:
+                    break
+                total, r = total + c, r + 1
+            chunk = rows[i : i + r]
+            batches.append((r, grad))
+            if grad:
+                t = ig_peak_bytes(s, r, S, 0, dtype, n_scored=n, depth=[L - l for l in chunk],
+                                  scaled_layers=len(set(chunk)), scored_layers=len(scored), attn=attn,
+                                  include_weights=include_weights, memory_mb=memory_mb)["total"]
+            else:  # forward only: the rows' KV cache and one layer's transients, the head without a backward
+                t = fixed + sum(2 * s.n_kv_heads * s.head_dim * (L - l) * S * e for l in chunk) \
+                    + r * S * (4 * s.d_model + 3 * s.d_mlp) * e + _head_bytes(s, r * n, dtype, b.head, False)
+            if t > worst:
+                worst, worst_rows = t, r
+            i += r
+    return {"total": max(clean, worst), "clean": clean, "micro_batch": worst, "rows": worst_rows, "batches": batches}
+
+
+def gxa_run_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], *, batch_size: int = 8,
+                       memory_mb: float = 2048.0, grad: bool = True, dtype="float32", attn: str = "sdpa",
+                       include_weights: bool = True) -> dict:
+    """Predicted peak bytes of grad x act (``grad``) or activation over samples in the given order, batched the way
+    ``Attributor._gxa_len`` batches them (at most ``batch_size``, padded to the longest, within the rows' share of
+    ``memory_mb``). Returns ``{"total", "batch", "batches"}``: the worst batch's peak and size, and every batch's size."""
+    s = _shape(config)
+    rows_budget = budgets(memory_mb).rows
+    worst, worst_b, i, sizes = 0, 0, 0, []
+    while i < len(seq_lens):
+        nb, T = 0, 0
+        while i + nb < len(seq_lens) and nb < batch_size:
+            T_new = max(T, seq_lens[i + nb])
+            if nb > 0 and (nb + 1) * gxa_sample_bytes(s, T_new, dtype, grad, attn) > rows_budget:
+                break
+            nb, T = nb + 1, T_new
+        n = sum(seq_lens[j] - prompt_lens[j] for j in range(i, i + nb))
+        t = gxa_peak_bytes(s, nb, T, n, dtype, grad=grad, attn=attn, memory_mb=memory_mb,
+                           include_weights=include_weights)["total"]
+        if t > worst:
+            worst, worst_b = t, nb
+        sizes.append(nb)
+        i += nb
+    return {"total": worst, "batch": worst_b, "batches": sizes}
 
 
 def plan(config, seq_len: int, dtype="bfloat16", gpu_mem_gb: float = 80.0, *, prefix_len: int = 0,
@@ -193,7 +436,7 @@ def plan(config, seq_len: int, dtype="bfloat16", gpu_mem_gb: float = 80.0, *, pr
     S = seq_len - 1 - prefix_len  # the last token is only a label
     n = S if n_scored is None else int(n_scored)
     budget = gpu_mem_gb * GiB * safety - reserve_gb * GiB
-    peak = lambda r: ig_peak_bytes(s, r, S, prefix_len, dtype, n_scored=n, attn=attn, scaled_layers=max(1, math.ceil(r / steps)))  # noqa: E731
+    peak = lambda r: ig_peak_bytes(s, r, S, prefix_len, dtype, n_scored=n, attn=attn, scaled_layers=max(1, math.ceil(r / steps)), memory_mb=1e9)
     lo = 0
     hi = max_rows
     if peak(1)["total"] <= budget:
@@ -206,7 +449,7 @@ def plan(config, seq_len: int, dtype="bfloat16", gpu_mem_gb: float = 80.0, *, pr
                 hi = mid - 1
     rows = lo
     at = peak(max(rows, 1))
-    row_bytes = engine_row_bytes(s, S, n, dtype)
+    row_bytes = engine_row_bytes(s, S, n, dtype, prefix_len=prefix_len)
     rows_total = s.n_layers * (steps + 1)  # (layer, alpha) rows of one sample incl. the alpha = 0 completeness rows
     return {
         "model_type": s.model_type, "n_params": s.n_params, "dtype": str(dtype).removeprefix("torch."),
@@ -215,7 +458,7 @@ def plan(config, seq_len: int, dtype="bfloat16", gpu_mem_gb: float = 80.0, *, pr
         "terms_gb": {k: v / GiB for k, v in at.items() if k != "total"},
         "per_row_gb": (peak(2)["total"] - peak(1)["total"]) / GiB,
         "weights_gb": at["weights"] / GiB, "budget_gb": budget / GiB,
-        "memory_mb": math.ceil((max(rows, 1) + 0.5) * row_bytes / MiB),
+        "memory_mb": math.ceil(_total_for_rows((max(rows, 1) + 0.5) * row_bytes) / MiB),
         "micro_batches_per_sample": math.ceil(rows_total / max(rows, 1)),
     }
 
@@ -249,5 +492,7 @@ def format_plan(p: dict) -> str:
                f"does not fit: one row needs {p['peak_gb']:.1f} GB"))
 
 
-__all__ = ["ModelShape", "count_params", "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes",
-           "plan", "auto_memory_mb", "format_plan"]
+__all__ = ["ModelShape", "count_params", "Budgets", "budgets", "auto_budget_mb", "attribution_budgets",
+           "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes", "gxa_sample_bytes",
+           "gxa_peak_bytes", "bare_forward_backward_bytes", "ig_sample_peak_bytes", "gxa_run_peak_bytes", "plan", "auto_memory_mb", "format_plan", "HEAD_SHARE",
+           "HEAD_CAP", "chunk_tokens", "bytes_per_logit"]

@@ -28,7 +28,9 @@ reference written there):
 * **The alpha = 1 point is the clean run.** Its gradient at every layer comes from one backward of the clean forward
   (as in grad x activation) instead of one row per layer; rows with weight 0 (the alpha = 0 completeness rows) run
   forward only, without a backward.
-* **LM head only where scored** (``logits_to_keep``), parameters frozen (no weight gradients).
+* **LM head only where scored, in chunks** (``caploc.lmhead``): the final hidden states of the scored positions go
+  through the LM head and log-softmax a chunk of positions at a time (checkpointed, so the backward too holds one
+  chunk's logits), the chunk sized from ``memory_mb`` and the vocabulary; parameters frozen (no weight gradients).
 
 Every sample is guarded: one forward-only alpha = 1 row entering at a middle layer must reproduce the clean objective;
 if not (an architecture whose blocks do not behave as assumed), the sample is recomputed without reuse and a warning is
@@ -39,13 +41,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from ..blocks import rows_cache, staggered_blocks
 from ..errors import CaplocError, DataError
-from ..hooks import frozen
+from ..hooks import frozen, neuron_hooks
+from ..lmhead import IGNORE_INDEX, first_target_prob, model_logprobs
+from ..memory import ModelShape, attribution_budgets, engine_row_bytes, gxa_sample_bytes
 from ..models.layouts import Site
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,9 @@ class AttributionConfig:
     layers: list[int] | None = None  # None = all layers
     completeness: bool = True  # also run alpha = 0 rows and report the completeness gap
     reuse: bool = True  # causal reuse + layer skipping (False: plain full-sequence rows, for reference)
-    memory_mb: float = 2048.0  # micro-batch budget for one forward/backward
+    #: budget of one forward/backward beyond the weights (IG rows, grad x act samples, LM-head chunks); None: from free
+    #: memory (caploc.memory.auto_budget_mb: on the CPU at most 512 MB)
+    memory_mb: float | None = None
     max_rows: int = 256  # at most this many IG rows in one micro-batch
     batch_size: int = 8  # samples per batch for grad_x_act / activation
 
@@ -88,7 +94,7 @@ class AttributionConfig:
             bad(f"steps must be a positive integer, got {self.steps!r}")
         if self.alphas == "linspace" and self.steps < 2:
             bad("linspace IG points need steps >= 2")
-        if self.memory_mb <= 0 or self.max_rows < 1 or self.batch_size < 1:
+        if (self.memory_mb is not None and self.memory_mb <= 0) or self.max_rows < 1 or self.batch_size < 1:
             bad("memory_mb, max_rows and batch_size must be positive")
 
     def alpha_points(self) -> tuple[list[float], list[float]]:
@@ -163,12 +169,10 @@ def _plan(ids: list[int], prompt_len: int, cfg: AttributionConfig) -> _Plan:
     return _Plan(inp, start, scaled, pred, labels)
 
 
-def _objective(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """logits [R, n, V], labels [n] -> f [R]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    lp = logp.gather(-1, labels.to(logits.device)[None, :, None].expand(logits.shape[0], -1, 1)).squeeze(-1)
+def _objective(lp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Target log-probabilities [R, n] (0 where a row has fewer targets) -> f [R]."""
     if kind == "prob":
-        return lp[:, 0].exp()
+        return first_target_prob(lp)
     return lp.sum(-1)
 
 
@@ -193,16 +197,6 @@ def _record_blocks(site: Site, store: dict[int, object]):
     finally:
         for h in handles:
             h.remove()
-
-
-def _keep(pred: torch.Tensor, S: int):
-    """``logits_to_keep`` for scored positions ``pred`` of an S-token input: the integer n when they are the last n
-    positions in order (always, for prompt+target plans) -- no index tensor that would have to follow the hidden states
-    onto the last device of a model split over GPUs -- else the index tensor itself."""
-    n = int(pred.numel())
-    if n and int(pred[0]) == S - n and bool((pred == torch.arange(S - n, S, device=pred.device)).all()):
-        return n
-    return pred
 
 
 def _prefix_cache(model, ids: torch.Tensor):
@@ -236,6 +230,28 @@ class Attributor:
         self.stats = {"rows": 0, "grad_rows": 0, "forward_only_rows": 0, "forwards": 0, "fallbacks": 0,
                       "oom_backoffs": 0}
         self._gxa_cap: int | None = None  # samples per grad_x_act batch learnt from an out-of-memory error
+        self.budgets = attribution_budgets(self.model, cfg.memory_mb)  # rows / samples, and the LM head's chunk
+        self._shape: ModelShape | None = None
+
+    @property
+    def shape(self) -> ModelShape:
+        """The model's dimensions for the memory estimates (parameters are not counted: not needed here)."""
+        if self._shape is None:
+            cfg = self.model.config
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            try:  # a transformers config: its kv heads, head size, gating and soft-cap
+                shape = ModelShape.from_config(cfg, n_params=0)
+            except (CaplocError, AttributeError):  # a hand-written model: what the site knows
+                heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 8)
+                shape = ModelShape(self.site.n_layers, self.site.d_model, self.site.d_mlp, heads, heads,
+                                   self.site.d_model // heads, vocab, 0)
+            self._shape = replace(shape, n_layers=self.site.n_layers, d_model=self.site.d_model,
+                                  d_mlp=self.site.d_mlp, vocab=vocab)
+        return self._shape
+
+    def _logprobs(self, targets, positions, **inputs) -> torch.Tensor:
+        """Target log-probabilities [rows, n] through the chunked LM head (``caploc.lmhead``), chunks from the budget."""
+        return model_logprobs(self.model, targets, positions, budget_bytes=self.budgets.head, **inputs)
 
     # ---- public -------------------------------------------------------------------------------------------------
     def score(self, ids: list[int], prompt_len: int) -> SampleScores:
@@ -272,7 +288,7 @@ class Attributor:
 
         # clean run: prefix cache, suffix with block outputs and activations recorded (and alpha = 1 gradients)
         recorded: dict[int, object] = {}
-        xs: dict[int, torch.Tensor] = {}
+        xs = {}  # layer -> its recorded neuron activations (the leaf of the alpha = 1 gradients)
 
         def keep(j, x):
             if w_one and not x.requires_grad:
@@ -280,25 +296,22 @@ class Attributor:
             xs[j] = x
             return x if w_one else None
 
-        from ..hooks import neuron_hooks
-
         with torch.no_grad():
             cache = _prefix_cache(model, inp[:s]) if s > 0 else None
         with torch.enable_grad() if w_one else torch.no_grad(), _record_blocks(site, recorded), neuron_hooks(
             site, {l: keep for l in self.layers}
         ):
-            out = model(
-                input_ids=suffix[None], cache=rows_cache(cache, [1] * L) if cache is not None else None,
+            lp = self._logprobs(
+                labels, pred, input_ids=suffix[None], cache=rows_cache(cache, [1] * L) if cache is not None else None,
                 position_ids=torch.arange(s, s + S, device=dev)[None], use_cache=cache is not None,
-                logits_to_keep=_keep(pred, S),
             )
-            f0 = _objective(out.logits, labels, cfg.objective)[0]
+            f0 = _objective(lp, cfg.objective)[0]
             grads = torch.autograd.grad(f0, [xs[l] for l in self.layers]) if w_one else None
         f_clean = float(f0.detach())
         # clean activations at the scaled positions (0 elsewhere), [S, d_mlp]: Attr = sum_pos act * w * grad
         m = mask.to(torch.float32)[:, None]
         acts = {l: xs[l][0].detach().float().cpu() * m for l in self.layers}
-        del out, xs
+        del lp, xs
         scores = torch.zeros(site.n_layers, site.d_mlp, dtype=torch.float32)
         if grads is not None:
             for l, g in zip(self.layers, grads):
@@ -368,32 +381,24 @@ class Attributor:
         return cap
 
     def _chunk_len(self, rows, i, S, n_pred, grad: bool = True) -> int:
-        """How many rows from ``i`` fit the memory budget (rows are sorted by layer, top first). A row costs what its
-        own layers keep: rows enter the micro-batch at their layer, so no row pays for a lower one."""
-        site, cfg = self.site, self.cfg
-        cap = min(cfg.max_rows, self._row_cap or cfg.max_rows)
-        el = 2 if _is_low_precision(self.model) else 4
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        L = site.n_layers
-        heads = int(getattr(self.model.config, "num_attention_heads", None) or getattr(self.model.config, "n_head", 8))
-        prefix = self._prefix_len
-        per_layer = 12 * site.d_model + 4 * site.d_mlp + 2 * heads * (prefix + S)  # per token, kept for the backward
-        budget = cfg.memory_mb * 2**20
+        """How many rows from ``i`` fit the rows' share of the budget (rows are sorted by layer, top first). A row costs
+        what its own layers keep (``caploc.memory.engine_row_bytes``): rows enter the micro-batch at their layer, so
+        no row pays for a lower one. The LM head's chunk is budgeted apart: a row's scored logits are not charged."""
+        cap = min(self.cfg.max_rows, self._row_cap or self.cfg.max_rows)
+        dtype = next(self.model.parameters()).dtype
+        L = self.site.n_layers
         n, total = 0, 0
         while i + n < len(rows) and n < cap:
             depth = L - rows[i + n][0] if self._replay else L
-            # saved activations of its layers (forward only: one layer's worth at a time), its copy of the prefix
-            # KV cache in those layers, and its scored logits (+ softmax and gradient)
-            row = (S * (depth if grad else 1) * per_layer + 2 * prefix * site.d_model * depth
-                   + 3 * n_pred * vocab) * el
-            if n > 0 and total + row > budget:
+            row = engine_row_bytes(self.shape, S, n_pred, dtype, depth, self._prefix_len, grad)
+            if n > 0 and total + row > self.budgets.rows:
                 break
             total += row
             n += 1
         return max(n, 1)
 
     def _ig_chunk(self, chunk, suffix, s, mask, pred, labels, cache, recorded, acts, scores, f_rows, grad=True):
-        site, model, cfg = self.site, self.model, self.cfg
+        site, cfg = self.site, self.cfg
         chunk = sorted(chunk, key=lambda c: c[0])  # by layer, bottom first: block j runs the rows of layers <= j
         R, S, L = len(chunk), len(suffix), site.n_layers
         dev = suffix.device
@@ -415,8 +420,6 @@ class Attributor:
 
             return fn
 
-        from ..hooks import neuron_hooks
-
         layers_here = sorted(set(row_layer.tolist()))
         # without reuse: plain full rows (the reference path), no block is touched
         B = 1 if self._replay else R
@@ -424,14 +427,13 @@ class Attributor:
         with torch.enable_grad() if grad else torch.no_grad(), stagger, neuron_hooks(
             site, {j: make_hook(j) for j in layers_here}
         ):
-            out = model(
-                input_ids=suffix[None].expand(B, S),
+            lp = self._logprobs(
+                labels, pred, input_ids=suffix[None].expand(B, S),
                 cache=rows_cache(cache, n_at) if cache is not None else None,
                 position_ids=torch.arange(s, s + S, device=dev)[None].expand(B, S),
                 use_cache=cache is not None,
-                logits_to_keep=_keep(pred, S),
             )
-            f = _objective(out.logits, labels, cfg.objective)  # [R]
+            f = _objective(lp, cfg.objective)  # [R]
             grads = torch.autograd.grad(f.sum(), [xs[j] for j in layers_here]) if grad else None
         self.stats["rows"] += R
         self.stats["grad_rows" if grad else "forward_only_rows"] += R
@@ -449,11 +451,11 @@ class Attributor:
 
     # ---- gradient x activation, activation ----------------------------------------------------------------------
     def _gxa(self, items) -> list[SampleScores]:
-        cfg, site, model = self.cfg, self.site, self.model
+        cfg = self.cfg
         out: list[SampleScores] = []
         b = 0
         while b < len(items):
-            n = max(1, min(cfg.batch_size, self._gxa_cap or cfg.batch_size))
+            n = self._gxa_len(items, b, min(cfg.batch_size, self._gxa_cap or cfg.batch_size))
             try:
                 out += self._gxa_batch(items[b : b + n])
             except RuntimeError as e:  # includes torch.OutOfMemoryError
@@ -461,6 +463,19 @@ class Attributor:
                 continue
             b += n
         return out
+
+    def _gxa_len(self, items, b: int, cap: int) -> int:
+        """Samples from ``b`` (at most ``cap``) whose batch, padded to its longest, fits the budget's rows share."""
+        dtype = next(self.model.parameters()).dtype
+        attn = "eager" if getattr(self.model.config, "_attn_implementation", None) == "eager" else "sdpa"
+        grad = self.cfg.method == "grad_x_act"
+        n, T = 0, 0
+        while b + n < len(items) and n < cap:
+            T_new = max(T, len(items[b + n][0]))
+            if n > 0 and (n + 1) * gxa_sample_bytes(self.shape, T_new, dtype, grad, attn) > self.budgets.rows:
+                break
+            n, T = n + 1, T_new
+        return max(n, 1)
 
     def _gxa_batch(self, batch) -> list[SampleScores]:
         cfg, site, model = self.cfg, self.site, self.model
@@ -486,16 +501,17 @@ class Attributor:
             xs[j] = x
             return x if need_grad else None
 
-        from ..hooks import neuron_hooks
-
+        # scored positions and targets per row, padded with IGNORE_INDEX (no LM-head work, log-prob 0)
+        n_max = max(len(p.pred_pos) for p in plans)
+        pos = torch.zeros(B, n_max, dtype=torch.long)
+        tgt = torch.full((B, n_max), IGNORE_INDEX, dtype=torch.long)
+        for k, p in enumerate(plans):
+            pos[k, : len(p.pred_pos)] = p.pred_pos
+            tgt[k, : len(p.labels)] = p.labels
         ctx = torch.enable_grad() if need_grad else torch.no_grad()
         with ctx, neuron_hooks(site, {j: fn for j in self.layers}):
-            res = model(input_ids=ids.to(dev), attention_mask=att.to(dev))
-            logits = res.logits
-            fs = []
-            for k, p in enumerate(plans):
-                fs.append(_objective(logits[k : k + 1, p.pred_pos.to(logits.device)], p.labels, cfg.objective)[0])
-            f = torch.stack(fs)
+            lp = self._logprobs(tgt, pos, input_ids=ids.to(dev), attention_mask=att.to(dev))
+            f = _objective(lp, cfg.objective)
             if need_grad:
                 grads = torch.autograd.grad(f.sum(), [xs[j] for j in self.layers])
         self.stats["forwards"] += 1
