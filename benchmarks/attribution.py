@@ -83,8 +83,8 @@ def run_phase(args) -> dict:
             torch.autograd.grad(f, x)
     elif args.phase in ("ig", "ig_kn", "gxa"):
         cfg = {
-            "ig": AttributionConfig(steps=args.steps, completeness=False),
-            "ig_kn": AttributionConfig(steps=args.steps, objective="prob", positions="last", completeness=False),
+            "ig": AttributionConfig(method="ig", steps=args.steps, completeness=False),
+            "ig_kn": AttributionConfig(method="ig", steps=args.steps, objective="prob", positions="last", completeness=False),
             "gxa": AttributionConfig(method="grad_x_act", batch_size=1),
         }[args.phase]
         att = Attributor(site, cfg)

@@ -129,7 +129,7 @@ def _throughput_worker(args) -> None:
         rank, world, _ = distributed.dist_info("cpu")
         lm = _load(args.model)
         ds = _data_for(lm, args.n, args.seq)
-        cfg = LocateConfig(attribution=AttributionConfig(steps=args.steps), shard_size=1)
+        cfg = LocateConfig(attribution=AttributionConfig(method="ig", steps=args.steps), shard_size=1)
         distributed.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         res = locate(lm, ds, cfg, args.out, overwrite=True, progress=False, rank=rank, world=world)
@@ -195,8 +195,8 @@ def _memory_worker(args) -> None:
     g = torch.Generator().manual_seed(0)
     hi = min(lm.model.config.vocab_size, 120)
     ids = torch.randint(5, hi, (args.seq + 1,), generator=g).tolist()
-    cfg = AttributionConfig(steps=R, layers=[0], completeness=False, max_rows=R, memory_mb=1e9)
-    warm = AttributionConfig(steps=1, layers=[0], completeness=False)
+    cfg = AttributionConfig(method="ig", steps=R, layers=[0], completeness=False, max_rows=R, memory_mb=1e9)
+    warm = AttributionConfig(method="ig", steps=1, layers=[0], completeness=False)
     Attributor(lm.site, warm).score(ids[:9], 4)  # load kernels, allocator arenas
     params = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
     saved: dict[int, int] = {}
@@ -300,7 +300,7 @@ def bf16(args) -> None:
         lm = _load(args.model, dt)
         ds = _data_for(lm, args.n, args.seq, args.data)
         enc = encode_dataset(lm.tokenizer, ds)
-        att = Attributor(lm.site, AttributionConfig(steps=args.steps, layers=layers))
+        att = Attributor(lm.site, AttributionConfig(method="ig", steps=args.steps, layers=layers))
         t0 = time.perf_counter()
         res[dt] = torch.stack([att.score(e.input_ids, e.prompt_len).scores for e in enc])  # [N, L, d]
         print(f"  {dt}: {len(enc)} samples in {time.perf_counter() - t0:.1f} s "

@@ -68,7 +68,7 @@ def run_one(tool: str, length: int, steps: int, save: str, warm: bool = False) -
             kn.input_ff_attr = "mlp.act"
             return kn.get_scores(prompt, " " + target, batch_size=steps if steps <= 20 else 10, steps=steps, pbar=False)
         ids = tok(prompt)["input_ids"] + tok(" " + target)["input_ids"][:1]
-        cfg = AttributionConfig(steps=steps, alphas="linspace", objective="prob", positions="last", completeness=False)
+        cfg = AttributionConfig(method="ig", steps=steps, alphas="linspace", objective="prob", positions="last", completeness=False)
         return Attributor(Site(model), cfg).score(ids, length).scores
 
     if warm and tool in ("kn", "caploc"):  # steady state: one untimed prompt of the same length first
@@ -85,7 +85,7 @@ def run_one(tool: str, length: int, steps: int, save: str, warm: bool = False) -
             lg = model(inputs_embeds=x).logits[0, -1]
             torch.autograd.grad(torch.log_softmax(lg, -1)[ids[-1]], x)
         else:  # exact IG with every position scaled, 2 steps: a row per layer (alpha 1/2) + the clean run (alpha 1)
-            Attributor(Site(model), AttributionConfig(steps=2, completeness=False)).score(ids, length)
+            Attributor(Site(model), AttributionConfig(method="ig", steps=2, completeness=False)).score(ids, length)
         scores = torch.zeros(1)
     t_wall, t_cpu = time.perf_counter() - t0, time.process_time() - c0
     save_file({"scores": torch.as_tensor(scores).float().contiguous()}, save)

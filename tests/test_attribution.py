@@ -57,10 +57,10 @@ def test_ig_matches_plain_reference(tiny_models, arch, objective, positions):
     site = Site(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, 128, (14,), generator=g).tolist()  # 14 tokens > sliding window 8 of mistral/gemma2/3
-    cfg = AttributionConfig(steps=3, objective=objective, positions=positions)
+    cfg = AttributionConfig(method="ig", steps=3, objective=objective, positions=positions)
     res = Attributor(site, cfg).score(ids, 9)
     # tiny micro-batches: every chunk replays the recorded blocks below its lowest layer
-    small = Attributor(site, AttributionConfig(steps=3, objective=objective, positions=positions, max_rows=2)).score(ids, 9)
+    small = Attributor(site, AttributionConfig(method="ig", steps=3, objective=objective, positions=positions, max_rows=2)).score(ids, 9)
     assert not res.fallback and not small.fallback
     assert _rel(small.scores, res.scores) <= 1e-5
     for layer in range(site.n_layers):
@@ -96,7 +96,7 @@ def test_ig_closed_form_on_toy(m):
     site = Site(model, TOY_LAYOUT)
     ids, P = [1, 3, 2, 5, 0, 0, 0], 4  # targets are token 0, whose log-prob is q_t
     # all positions scaled; unscored positions have zero gradient in this attention-free toy
-    res = Attributor(site, AttributionConfig(steps=m, positions="all")).score(ids, P)
+    res = Attributor(site, AttributionConfig(method="ig", steps=m, positions="all")).score(ids, P)
     attr, true_diff = _toy_closed_form(model, ids, P, m)
     assert np.allclose(res.scores[1].double().numpy(), attr.numpy(), rtol=1e-5, atol=1e-6)
     # completeness gap of right-Riemann IG on a quadratic is exactly ||D x||^2 / (d m)  (positive here)
@@ -110,7 +110,7 @@ def test_completeness_gap_shrinks_with_steps(tiny_models):
     ids = list(range(3, 20))
     gaps = []
     for m in (2, 8, 32):
-        r = Attributor(site, AttributionConfig(steps=m)).score(ids, 10)
+        r = Attributor(site, AttributionConfig(method="ig", steps=m)).score(ids, 10)
         gaps.append(float(r.gap.abs().mean()))
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < gaps[0] / 4  # roughly 1/m
@@ -156,7 +156,7 @@ def test_no_hook_left_after_exception(tiny_models, monkeypatch):
 
     monkeypatch.setattr(eng, "_objective", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        Attributor(site, AttributionConfig(steps=2, layers=[1, 2])).score(list(range(4, 14)), 5)
+        Attributor(site, AttributionConfig(method="ig", steps=2, layers=[1, 2])).score(list(range(4, 14)), 5)
     assert count_hooks(model) == 0
     assert all("forward" not in b.__dict__ for b in site.blocks)
     assert [p.requires_grad for p in model.parameters()] == flags  # frozen() restored the flags
@@ -170,7 +170,7 @@ def test_reuse_mismatch_falls_back(tiny_models, monkeypatch):
     """If replaying recorded blocks gave a different objective, the sample is recomputed without reuse."""
     site = Site(tiny_models["llama"])
     ids = list(range(3, 15))
-    cfg = AttributionConfig(steps=2, max_rows=3)  # one layer per micro-batch, so layers 1, 2 replay blocks below
+    cfg = AttributionConfig(method="ig", steps=2, max_rows=3)  # one layer per micro-batch, so layers 1, 2 replay blocks below
     good = Attributor(site, cfg).score(ids, 6)
     real = blocks.rows_of
     monkeypatch.setattr(blocks, "rows_of", lambda t, lo, hi: real(t, lo, hi) * 1.5)  # rows entering a micro-batch
@@ -182,7 +182,7 @@ def test_reuse_mismatch_falls_back(tiny_models, monkeypatch):
 def test_oom_backoff(tiny_models, monkeypatch):
     site = Site(tiny_models["mistral"])
     ids = list(range(3, 15))
-    cfg = AttributionConfig(steps=4)
+    cfg = AttributionConfig(method="ig", steps=4)
     ref = Attributor(site, cfg).score(ids, 6)
     att = Attributor(site, cfg)
     real = att._ig_chunk
@@ -201,16 +201,16 @@ def test_oom_backoff(tiny_models, monkeypatch):
 def test_micro_batching_does_not_change_scores(tiny_models):
     site = Site(tiny_models["gemma2"])
     ids = list(range(3, 18))
-    a = Attributor(site, AttributionConfig(steps=3, max_rows=1)).score(ids, 7)
-    b = Attributor(site, AttributionConfig(steps=3, max_rows=256)).score(ids, 7)
+    a = Attributor(site, AttributionConfig(method="ig", steps=3, max_rows=1)).score(ids, 7)
+    b = Attributor(site, AttributionConfig(method="ig", steps=3, max_rows=256)).score(ids, 7)
     assert torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(method="shap"), "unknown attribution method"),
+    (dict(method="shap"), "method must be one of"),
     (dict(steps=0), "steps must be"),
-    (dict(alphas="left"), "unknown IG points"),
-    (dict(positions="first"), "unknown positions"),
+    (dict(alphas="left"), "alphas must be one of"),
+    (dict(positions="first"), "positions must be one of"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(CaplocError, match=msg):
@@ -219,7 +219,7 @@ def test_config_validation(kw, msg):
 
 def test_layer_out_of_range(tiny_models):
     with pytest.raises(CaplocError, match="out of range"):
-        Attributor(Site(tiny_models["llama"]), AttributionConfig(layers=[7]))
+        Attributor(Site(tiny_models["llama"]), AttributionConfig(method="ig", layers=[7]))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -233,7 +233,7 @@ def test_rows_enter_at_their_own_layer(tiny_models, arch):
     handles = [o.register_forward_pre_hook(lambda m, a, _j=j: batch_sizes[_j].append(a[0].shape[0]))
                for j, o in enumerate(site.out_projs)]  # the MLP inside block j: the rows the block computes
     try:
-        att = Attributor(site, AttributionConfig(steps=3, positions="target"))  # alphas 1/3, 2/3, 1 + completeness
+        att = Attributor(site, AttributionConfig(method="ig", steps=3, positions="target"))  # alphas 1/3, 2/3, 1 + completeness
         res = att.score(ids, 6)
     finally:
         for h in handles:
@@ -247,6 +247,6 @@ def test_rows_enter_at_their_own_layer(tiny_models, arch):
         grad_rows = 2 * (j + 1)
         fwd_rows = (j + 1) + (1 if j >= guard else 0)
         assert batch_sizes[j] == [1, 1, grad_rows, fwd_rows], (j, batch_sizes[j])
-    ref = Attributor(site, AttributionConfig(steps=3, positions="target", reuse=False)).score(ids, 6)
+    ref = Attributor(site, AttributionConfig(method="ig", steps=3, positions="target", reuse=False)).score(ids, 6)
     assert _rel(res.scores, ref.scores) <= 1e-5
     assert torch.allclose(res.gap, ref.gap, atol=1e-5) and torch.allclose(res.f_zero, ref.f_zero, atol=1e-5)

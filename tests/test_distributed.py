@@ -73,7 +73,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         try:
             lm = load_model("tiny:llama")
             ds = load_dataset("rg:basic_arithmetic", n=8, seed=0, target="cot")
-            cfg = LocateConfig(attribution=AttributionConfig(steps=2), shard_size=1, rule="topk", topk=5, min_freq=0.25)
+            cfg = LocateConfig(attribution=AttributionConfig(method="ig", steps=2), shard_size=1, rule="topk", topk=5, min_freq=0.25)
             ref = locate(lm, ds, cfg, tmp_path / "one", progress=False)
         finally:
             torch.set_num_threads(threads)
@@ -276,7 +276,7 @@ def test_device_map_split_gives_identical_scores():
     ids = list(range(3, 19))
     # one micro-batch for all rows; and a prefix KV cache with micro-batches of 4 rows that replay the blocks below
     for positions, max_rows in (("all", 256), ("target", 4)):
-        cfg = AttributionConfig(steps=3, positions=positions, max_rows=max_rows)
+        cfg = AttributionConfig(method="ig", steps=3, positions=positions, max_rows=max_rows)
         a = Attributor(ref.site, cfg).score(ids, 7)
         b = Attributor(split.site, cfg).score(ids, 7)
         assert torch.equal(a.scores, b.scores) and a.f == b.f and not b.fallback
@@ -289,7 +289,7 @@ def test_device_map_hooks_survive_attribution():
     split = load_model("tiny:llama", device_map=_split_map(True))
     before = {i: "forward" in b.__dict__ for i, b in enumerate(split.site.blocks)}
     assert all(before.values())
-    Attributor(split.site, AttributionConfig(steps=1, max_rows=2, completeness=False)).score(list(range(3, 9)), 4)
+    Attributor(split.site, AttributionConfig(method="ig", steps=1, max_rows=2, completeness=False)).score(list(range(3, 9)), 4)
     assert {i: "forward" in b.__dict__ for i, b in enumerate(split.site.blocks)} == before
 
 
@@ -314,10 +314,10 @@ def test_oom_inside_forward_backs_off_to_the_same_scores(llama):
     model = llama
     site = Site(model)
     ids = list(range(3, 17))
-    cfg = AttributionConfig(steps=4)
+    cfg = AttributionConfig(method="ig", steps=4)
     # 9 rows with a backward (3 layers x alphas 1/4, 2/4, 3/4; alpha = 1 is the clean run) -> OOM at 9 and 4 rows ->
     # micro-batches of 2, like max_rows=2 (the 4 forward-only rows then also go 2 at a time)
-    ref = Attributor(site, AttributionConfig(steps=4, max_rows=2))
+    ref = Attributor(site, AttributionConfig(method="ig", steps=4, max_rows=2))
     ref3 = ref.score(ids, 6)
     oom = _OOMAbove(model.model.norm, limit=3)
     try:

@@ -100,14 +100,14 @@ def test_score_store_refuses_changed_config(tmp_path):
     # memory-only attribution knobs are not part of the resume key; what decides the scores is
     from caploc.attribution.engine import AttributionConfig
 
-    a, b = AttributionConfig(steps=3), AttributionConfig(steps=3, memory_mb=64, max_rows=2, batch_size=1)
+    a, b = AttributionConfig(method="ig", steps=3), AttributionConfig(method="ig", steps=3, memory_mb=64, max_rows=2, batch_size=1)
     assert a.identity() == b.identity() and a.to_dict() != b.to_dict()
-    assert AttributionConfig(steps=4).identity() != a.identity()
+    assert AttributionConfig(method="ig", steps=4).identity() != a.identity()
 
 
 def test_locate_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["locate", "--model", "tiny:gpt2", "--data", "rg:basic_arithmetic", "--n", "5", "--steps", "2",
+    rc = main(["locate", "--model", "tiny:gpt2", "--data", "rg:basic_arithmetic", "--n", "5", "--method", "ig", "--steps", "2",
                "--min-freq", "0.4", "--sigma", "3", "--shard-size", "2", "--out", str(out), "--kn-json", str(tmp_path / "kn.json")])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -128,7 +128,7 @@ def test_locate_cli_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--data", "no_such_dataset"], "no_such_dataset"),
-    (["--method", "shap"], "unknown attribution method"),
+    (["--method", "shap"], "method must be one of"),
     (["--min-freq", "0"], "min_freq"),
     (["--layers", "x-y"], "cannot parse --layers"),
 ])

@@ -10,9 +10,20 @@ import torch
 from caploc.attribution.engine import AttributionConfig, Attributor
 from caploc.errors import CaplocError
 from caploc.lmhead import MIN_CHUNK, chunk_tokens
-from caploc.memory import (HEAD_CAP, HEAD_SHARE, ModelShape, activation_bytes_per_token_layer, auto_memory_mb, budgets,
-                           count_params, engine_row_bytes, gxa_run_peak_bytes, ig_peak_bytes, ig_sample_peak_bytes,
-                           plan)
+from caploc.memory import (
+    HEAD_CAP,
+    HEAD_SHARE,
+    ModelShape,
+    activation_bytes_per_token_layer,
+    auto_memory_mb,
+    budgets,
+    count_params,
+    engine_row_bytes,
+    gxa_run_peak_bytes,
+    ig_peak_bytes,
+    ig_sample_peak_bytes,
+    plan,
+)
 from caploc.models.layouts import Site
 
 
@@ -76,7 +87,7 @@ def test_memory_formula_matches_what_autograd_saves(llama):
             return t
 
         # R rows with a backward: steps R + 1, as the alpha = 1 point comes from the clean run
-        cfg = AttributionConfig(steps=R + 1, layers=[0], completeness=False, max_rows=R,
+        cfg = AttributionConfig(method="ig", steps=R + 1, layers=[0], completeness=False, max_rows=R,
                                 positions="all" if P == 0 else "target")
         att = Attributor(site, cfg)
         real = att._ig_chunk
@@ -171,7 +182,7 @@ def test_the_ig_prediction_packs_rows_as_the_engine_does(llama, memory_mb):
     """ig_sample_peak_bytes emulates Attributor's micro-batches: the same sizes, in the same order, with or without a
     backward -- under budgets that force 1, a few or all rows per micro-batch."""
     site = Site(llama)
-    cfg = AttributionConfig(steps=3, memory_mb=memory_mb)
+    cfg = AttributionConfig(method="ig", steps=3, memory_mb=memory_mb)
     att = Attributor(site, cfg)
     seen = []
     real = att._ig_chunk

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..blocks import rows_cache, staggered_blocks
+from ..config import check, setting
 from ..errors import CaplocError, DataError
 from ..hooks import frozen, neuron_hooks
 from ..lmhead import IGNORE_INDEX, first_target_prob, model_logprobs
@@ -64,38 +65,31 @@ POSITIONS = ("all", "target", "last")
 class AttributionConfig:
     """How to score neurons. Validated on construction (bad values raise a one-line CaplocError)."""
 
-    method: str = "ig"  # ig | grad_x_act | activation
-    steps: int = 20  # m, IG Riemann steps
-    alphas: str = "right"  # right | linspace | midpoint
-    objective: str = "logprob"  # logprob (sum of target log-probs) | prob (KN mode: p(first target token))
-    positions: str = "all"  # which positions are scaled / scored: all | target | last (last prompt token)
-    layers: list[int] | None = None  # None = all layers
-    completeness: bool = True  # also run alpha = 0 rows and report the completeness gap
-    reuse: bool = True  # causal reuse + layer skipping (False: plain full-sequence rows, for reference)
-    #: budget of one forward/backward beyond the weights (IG rows, grad x act samples, LM-head chunks); None: from free
-    #: memory (caploc.memory.auto_budget_mb: on the CPU at most 512 MB)
-    memory_mb: float | None = None
-    max_rows: int = 256  # at most this many IG rows in one micro-batch
-    batch_size: int = 8  # samples per batch for grad_x_act / activation
+    method: str = setting("grad_x_act", choices=METHODS, help="ig (exact per-layer integrated gradients, the paper's; "
+                          "about steps x layers forward+backward passes per sample) | grad_x_act (one pass per sample, "
+                          "the CPU default) | activation.")
+    steps: int = setting(20, min=1, help="IG Riemann steps m (paper: 20).")
+    alphas: str = setting("right", choices=ALPHAS, help="IG points: right (k/m) | linspace (knowledge-neurons) | "
+                          "midpoint.")
+    objective: str = setting("logprob", choices=OBJECTIVES, help="logprob (sum of target log-probs) | prob (KN: "
+                             "p(first target token)).")
+    positions: str = setting("all", choices=POSITIONS, help="Scaled / scored positions: all | target | last (last "
+                             "prompt token).")
+    layers: list[int] | None = setting(None, item=int, min=0, help="Layers to score (default all).")
+    completeness: bool = setting(True, help="Also run alpha = 0 rows and report IG's completeness gap.")
+    reuse: bool = setting(True, help="Causal reuse + layer skipping (False: plain full-sequence rows, for reference).")
+    memory_mb: float | None = setting(None, min=0, min_exclusive=True, help="Budget of one forward/backward beyond the "
+                                      "weights, MB (IG rows, grad x act samples, LM-head chunks); default: from free "
+                                      "memory (on a CPU at most 512 MB).")
+    max_rows: int = setting(256, min=1, help="At most this many IG rows in one micro-batch.")
+    batch_size: int = setting(8, min=1, help="Samples per batch for grad_x_act / activation.")
 
     def __post_init__(self):
-        def bad(msg):
-            raise CaplocError(msg)
-
-        if self.method not in METHODS:
-            bad(f"unknown attribution method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.alphas not in ALPHAS:
-            bad(f"unknown IG points {self.alphas!r}; choose one of {', '.join(ALPHAS)}")
-        if self.objective not in OBJECTIVES:
-            bad(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.positions not in POSITIONS:
-            bad(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            bad(f"steps must be a positive integer, got {self.steps!r}")
+        if self.layers is not None:
+            self.layers = list(self.layers)
+        check(self)
         if self.alphas == "linspace" and self.steps < 2:
-            bad("linspace IG points need steps >= 2")
-        if (self.memory_mb is not None and self.memory_mb <= 0) or self.max_rows < 1 or self.batch_size < 1:
-            bad("memory_mb, max_rows and batch_size must be positive")
+            raise CaplocError("linspace IG points need steps >= 2")
 
     def alpha_points(self) -> tuple[list[float], list[float]]:
         m = self.steps
@@ -311,7 +305,8 @@ class Attributor:
         # clean activations at the scaled positions (0 elsewhere), [S, d_mlp]: Attr = sum_pos act * w * grad
         m = mask.to(torch.float32)[:, None]
         acts = {l: xs[l][0].detach().float().cpu() * m for l in self.layers}
-        del lp, xs
+        del lp
+        xs.clear()  # free the recorded activations (the closure keeps the dict itself)
         scores = torch.zeros(site.n_layers, site.d_mlp, dtype=torch.float32)
         if grads is not None:
             for l, g in zip(self.layers, grads):

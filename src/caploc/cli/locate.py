@@ -6,7 +6,10 @@ from typing import Optional
 
 import typer
 
+from ..attribution.engine import AttributionConfig
+from ..localize import LocateConfig
 from .app import app, console, load_model_from_opts, parse_layers, print_cards, print_neuron_summary
+from .options import opt
 
 
 @app.command()
@@ -18,21 +21,22 @@ def locate(
     target: str = typer.Option("cot", help="gsm_symbolic target: cot (gold chain of thought) or answer."),
     prompt_field: Optional[str] = typer.Option(None), target_field: Optional[str] = typer.Option(None),
     group_field: Optional[str] = typer.Option(None),
-    method: str = typer.Option("ig", help="ig (exact per-layer integrated gradients) | grad_x_act | activation."),
-    steps: int = typer.Option(20, help="IG steps m."),
-    alphas: str = typer.Option("right", help="IG points: right (k/m) | linspace (knowledge-neurons) | midpoint."),
-    objective: str = typer.Option("logprob", help="logprob (sum of target log-probs) | prob (KN: p(first target token))."),
-    positions: str = typer.Option("all", help="Scaled/scored positions: all | target | last (last prompt token)."),
-    layers: Optional[str] = typer.Option(None, help="Layers to score, e.g. '10-29' (default all)."),
-    rule: str = typer.Option("sigma", help="Per-sample rule: sigma | topk | kn."),
-    sigma: float = typer.Option(6.0, help="sigma rule: Attr > mean + sigma*sd."),
-    topk: int = typer.Option(50), kn_t: float = typer.Option(0.2, help="kn rule: Attr > t*max."),
-    min_freq: float = typer.Option(0.5, help="Keep neurons selected in >= this fraction (<=1) or count (>1) of samples."),
-    chat: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
-    max_length: Optional[int] = typer.Option(None, help="Refuse samples longer than this many tokens."),
-    memory_mb: float = typer.Option(2048, help="Micro-batch memory budget (MB)."),
-    batch_size: int = typer.Option(8, help="Samples per batch (grad_x_act / activation)."),
-    shard_size: int = typer.Option(16, help="Samples per score-store shard (the unit of resume)."),
+    method: str = opt(AttributionConfig, "method"),
+    steps: int = opt(AttributionConfig, "steps"),
+    alphas: str = opt(AttributionConfig, "alphas"),
+    objective: str = opt(AttributionConfig, "objective"),
+    positions: str = opt(AttributionConfig, "positions"),
+    layers: Optional[str] = typer.Option(None, help="Layers to score, e.g. '10-29' or '0,3,5' (default all)."),
+    rule: str = opt(LocateConfig, "rule"),
+    sigma: float = opt(LocateConfig, "sigma"),
+    topk: int = opt(LocateConfig, "topk"),
+    kn_t: float = opt(LocateConfig, "kn_t"),
+    min_freq: float = opt(LocateConfig, "min_freq"),
+    chat: bool = opt(LocateConfig, "chat"),
+    max_length: Optional[int] = opt(LocateConfig, "max_length"),
+    memory_mb: Optional[float] = opt(AttributionConfig, "memory_mb"),
+    batch_size: int = opt(AttributionConfig, "batch_size"),
+    shard_size: int = opt(LocateConfig, "shard_size"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
     device_map: Optional[str] = typer.Option(None, help="accelerate device_map, e.g. auto."),
     layout: Optional[str] = typer.Option(None, help="Custom MLP layout for unknown architectures."),
@@ -49,16 +53,16 @@ def locate(
                               "printed and written to cards.json; 0 skips them."),
 ):
     """Localize a capability: per-sample attribution, per-sample selection, dataset-level frequency rule."""
-    from ..attribution.engine import AttributionConfig
     from ..data import load_dataset
     from ..distributed import dist_info, finalize, init_from_env
-    from ..localize import LocateConfig
+    from ..results import check_out_dir
     from ..localize import locate as run_locate
 
     acfg = AttributionConfig(method=method, steps=steps, alphas=alphas, objective=objective, positions=positions,
                              layers=parse_layers(layers), memory_mb=memory_mb, batch_size=batch_size)
     cfg = LocateConfig(attribution=acfg, rule=rule, sigma=sigma, topk=topk, kn_t=kn_t, min_freq=min_freq, chat=chat,
                        max_length=max_length, shard_size=shard_size)
+    check_out_dir(out)  # before the model is loaded
     init_from_env()
     rank, world, local_device = dist_info(device)
     try:
