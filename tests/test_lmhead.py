@@ -320,3 +320,27 @@ def test_per_use_functions_fall_back_to_the_models_own_logits():
         p = lmhead.position_probs(model, t, last, input_ids=ids, attention_mask=att)
         want = logits[torch.arange(3), last].float().softmax(-1)[torch.arange(3), t]
     assert _rel(p, want) <= 1e-6
+
+
+def test_peft_wrapped_model_scores_through_its_adapter():
+    """A LoRA-wrapped model: the chunked head reads the wrapped model (adapters included), same as its own logits."""
+    import peft
+    import torch.nn.functional as F
+
+    from caploc.lmhead import batch_nll
+    from caploc.models import load_model
+
+    lm = load_model("tiny:llama")
+    wrapped = peft.get_peft_model(lm.model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 6, 10, 14, 0, 0]])
+    att = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    tgt = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    batch = {"input_ids": ids, "attention_mask": att, "target_mask": tgt}
+    got, n = batch_nll(wrapped, batch)
+    logits = wrapped(input_ids=ids, attention_mask=att).logits
+    m = tgt[:, 1:] & att[:, 1:].bool()
+    want = F.cross_entropy(logits[:, :-1][m].float(), ids[:, 1:][m], reduction="sum")
+    assert int(n) == int(m.sum()) and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    base = batch_nll(lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model, batch)[0]
+    assert torch.allclose(base, got)  # the unwrapped model carries the adapter layers in place

@@ -74,6 +74,14 @@ class Head:
         return w.dtype if torch.is_tensor(w) else torch.float32
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The causal LM inside a PEFT wrapper (its adapter layers are injected in place, so its forward includes them);
+    any other model as it is."""
+    get = getattr(model, "get_base_model", None)
+    inner = get() if callable(get) else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def head_of(model: nn.Module) -> Head | None:
     """The :class:`Head` of a Hugging Face causal LM, or None if it has no separate base model / output embeddings."""
     base = getattr(model, "base_model", None)
@@ -104,7 +112,10 @@ def verify_head(model: nn.Module, head: Head, tol: float = 1e-4) -> bool:
     ids = torch.arange(4, device=dev)[None] % head.vocab
     with torch.no_grad():
         want = model(input_ids=ids).logits.float()
-        got = head.logits(model.base_model(input_ids=ids).last_hidden_state).float()
+        hidden = getattr(model.base_model(input_ids=ids), "last_hidden_state", None)
+        if hidden is None:  # a wrapper whose "base model" is not the transformer body
+            return False
+        got = head.logits(hidden).float()
     if got.shape != want.shape:
         return False
     scale = tol * (1.0 + float(want.abs().max()))
@@ -251,6 +262,7 @@ def model_logprobs(model: nn.Module, targets: torch.Tensor, positions: torch.Ten
     """Run ``model(**inputs)`` and return the log-probabilities ``[B, n]`` of ``targets`` at ``positions`` (as in
     :func:`head_logprobs`), through the base model and the chunked head when :func:`resolve_head` knows the model's
     head, else through the model's own logits (``logits_to_keep`` = the scored positions when they are shared)."""
+    model = unwrap(model)
     head = resolve_head(model)
     if head is not None:
         hidden = model.base_model(**inputs).last_hidden_state
@@ -322,6 +334,7 @@ def batch_nll(model: nn.Module, batch, *, budget_bytes: float | None = None) -> 
 def position_logits(model: nn.Module, positions: torch.Tensor | None = None, **inputs) -> torch.Tensor:
     """Full-vocabulary logits ``[B, V]`` (float32) at one position per row (``positions [B]``; None: the last one):
     the LM head runs on those ``B`` hidden states only (for ranks over the vocabulary)."""
+    model = unwrap(model)
     head = resolve_head(model)
     if head is not None:
         h = model.base_model(**inputs).last_hidden_state

@@ -16,11 +16,10 @@ target tokens (each sample weighs the same in it).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from .answers import KINDS, answer_kind, dataset_labels, done_fn, is_correct, truncate
 from .data import collate, encode_dataset, encode_prompt, pad_id
 from .errors import CaplocError
+from .lmhead import row_nll
 from .progress import bar as progress_bar
 from .results import atomic_write_json, read_json
 
@@ -107,13 +107,6 @@ def _f(v) -> float | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # teacher-forced NLL
 # ---------------------------------------------------------------------------------------------------------------------
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
-
 def _check_batch_size(batch_size: int) -> int:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise CaplocError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -125,7 +118,8 @@ def _bar(total: int, desc: str, progress: bool | None, unit: str = "sample"):
 
 
 @torch.no_grad()
-def nll_sums(lm, encoded, *, batch_size: int = 8, progress: bool | None = None, desc: str = "nll") -> tuple[np.ndarray, np.ndarray]:
+def nll_sums(lm, encoded, *, batch_size: int = 8, progress: bool | None = None, desc: str = "nll",
+             budget_bytes: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed target NLL [n] (float64) and target token counts [n] of already-encoded samples (``Encoded``)."""
     batch_size = _check_batch_size(batch_size)
     model, tok = lm.model, lm.tokenizer
@@ -135,27 +129,16 @@ def nll_sums(lm, encoded, *, batch_size: int = 8, progress: bool | None = None, 
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([e.target_len for e in encoded], dtype=np.int64)
     order = sorted(range(n), key=lambda i: -len(encoded[i]))  # similar lengths share a batch: less padding
-    keep_ok = _accepts(model, "logits_to_keep")
     with _bar(n, desc, progress) as bar:
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             ids, mask = collate([encoded[i].input_ids for i in idx], pad)
-            T = ids.shape[1]
-            # logits are only needed from the first position that predicts a target token (prompt_len - 1) on
-            first = min(encoded[i].prompt_len for i in idx) - 1
-            kw: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-            if keep_ok and first > 0:
-                kw["logits_to_keep"] = T - first
-            logits = model(**kw).logits  # [B, T or T-first, V]
-            offset = T - logits.shape[1]
+            tgt = torch.zeros_like(mask, dtype=torch.bool)
             for r, i in enumerate(idx):
-                e = encoded[i]
-                L, p = len(e), e.prompt_len
-                lg = logits[r, p - 1 - offset:L - 1 - offset].float()  # [n_target, V]: position t predicts t + 1
-                tgt = ids[r, p:L].to(lg.device)
-                lp = torch.log_softmax(lg, dim=-1).gather(1, tgt[:, None])[:, 0]
-                sums[i] = float(-lp.double().sum())
-            del logits
+                tgt[r, encoded[i].prompt_len:len(encoded[i])] = True
+            # only the target positions go through the LM head, a chunk at a time (caploc.lmhead): no [B, T, vocab]
+            sums[idx] = row_nll(model, ids.to(device), tgt.to(device), mask.to(device), budget_bytes=budget_bytes,
+                                use_cache=False).cpu().numpy()
             bar.update(len(idx))
     return sums, counts
 

@@ -55,8 +55,8 @@ def locate(
     """Localize a capability: per-sample attribution, per-sample selection, dataset-level frequency rule."""
     from ..data import load_dataset
     from ..distributed import dist_info, finalize, init_from_env
-    from ..results import check_out_dir
     from ..localize import locate as run_locate
+    from ..results import check_out_dir
 
     acfg = AttributionConfig(method=method, steps=steps, alphas=alphas, objective=objective, positions=positions,
                              layers=parse_layers(layers), memory_mb=memory_mb, batch_size=batch_size)

@@ -20,6 +20,7 @@ from ...data import collate, encode_dataset
 from ...data import pad_id as token_pad_id
 from ...errors import CaplocError
 from ...hooks import frozen
+from ...lmhead import batch_nll
 from ...progress import track
 from .adapter import NeuronAdapter, unwrap
 from .config import FinetuneConfig
@@ -43,7 +44,8 @@ def collate_batch(encoded: Sequence, pad_id: int, device=None) -> dict[str, torc
 
 
 def target_nll(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL over target tokens and their count. logits [B, T, V]; the token at t is predicted at t - 1; only
+    """The plain form of the training loss (the reference :func:`caploc.lmhead.batch_nll` is tested against):
+    summed NLL over target tokens and their count. logits [B, T, V]; the token at t is predicted at t - 1; only
     positions that are target tokens and inside the attention mask count (so pad = eos is handled)."""
     labels = batch["input_ids"][:, 1:]  # [B, T-1]
     mask = (batch["target_mask"][:, 1:] & batch["attention_mask"][:, 1:].bool())  # [B, T-1]
@@ -125,8 +127,9 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
             for step, idx in enumerate(track(order, desc=desc, unit="step", progress=progress)):
                 t0, c0 = time.perf_counter(), time.process_time()
                 batch = collate_batch([encoded[i] for i in idx], pad_id, device)
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                nll, ntok = target_nll(out.logits, batch)
+                # the LM head runs on the target positions only, a chunk at a time (caploc.lmhead): the same loss as
+                # target_nll(model(...).logits, batch) without the [B, T, vocab] logits and their gradients
+                nll, ntok = batch_nll(model, batch)
                 loss = nll / ntok.clamp(min=1)
                 if not torch.isfinite(loss):
                     raise DivergedError(f"{desc}: the loss became {loss.item()} at step {step}; lower --lr")
