@@ -15,7 +15,7 @@ from caploc.stages.faithfulness import ablate
 from caploc.stages.masklearn import (
     MaskConfig,
     MaskResult,
-    collate,
+    batch,
     learn_mask,
     mask_loss,
     mean_activations,
@@ -47,9 +47,9 @@ def _token_nll_ref(lm, encoded):
 
 
 def test_collate_and_token_nll(lm, enc):
-    ids, att, scored = collate(enc[:3], 0)
-    assert ids.shape == att.shape and scored.shape[1] == ids.shape[1] - 1
-    assert int(scored.sum()) == sum(e.target_len for e in enc[:3])
+    ids, att, tgt = batch(enc[:3])
+    assert ids.shape == att.shape == tgt.shape
+    assert int(tgt.sum()) == sum(e.target_len for e in enc[:3])
     with torch.no_grad():
         got = token_nll(lm, enc[:3]).double().numpy()
     assert np.allclose(got, _token_nll_ref(lm, enc[:3]), atol=1e-4)

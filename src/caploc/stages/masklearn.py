@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from ..config import check, setting
+from ..data import collate, pad_id
 from ..errors import CaplocError
 from ..hooks import frozen, neuron_hooks
+from ..lmhead import target_logprobs
 from ..progress import track
 from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, read_json
 
@@ -41,37 +43,25 @@ FILLS = ("zero", "mean")
 # ---------------------------------------------------------------------------------------------------------------------
 # batches of encoded samples (right padding) and teacher-forced token NLLs
 # ---------------------------------------------------------------------------------------------------------------------
-def pad_id(tokenizer) -> int:
-    pid = getattr(tokenizer, "pad_token_id", None)
-    pid = getattr(tokenizer, "eos_token_id", None) if pid is None else pid
-    if pid is None:
-        raise CaplocError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
-    return int(pid)
-
-
-def collate(encoded, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``ids [B, T]``, ``attention [B, T]`` and ``scored [B, T-1]`` (True where position t predicts a
-    gold target token t + 1)."""
+def batch(encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids``, ``attention`` and ``target`` masks ``[B, T]`` (True on gold target tokens)."""
     if not encoded:
         raise CaplocError("no samples to batch")
-    T = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), T), pad, dtype=torch.long)
-    att = torch.zeros((len(encoded), T), dtype=torch.long)
-    scored = torch.zeros((len(encoded), max(T - 1, 1)), dtype=torch.bool)
+    ids, att = collate([e.input_ids for e in encoded], 0)
+    tgt = torch.zeros_like(att, dtype=torch.bool)
     for r, e in enumerate(encoded):
-        ids[r, :len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
-        att[r, :len(e)] = 1
-        scored[r, e.prompt_len - 1:len(e) - 1] = True
-    return ids, att, scored
+        tgt[r, e.prompt_len:len(e)] = True
+    return ids, att, tgt
 
 
 def token_nll(lm, encoded) -> torch.Tensor:
-    """NLL of every gold target token of ``encoded`` (one batch, differentiable under the caller's hooks): [n_tok]."""
+    """NLL of every gold target token of ``encoded`` (one batch, differentiable under the caller's hooks): [n_tok].
+    The LM head runs on the target positions only (:mod:`caploc.lmhead`)."""
     dev = lm.site.input_device()
-    ids, att, scored = collate(encoded, pad_id(lm.tokenizer))
-    logits = lm.model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).logits[:, :-1]
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0]
-    return -lp[scored.to(lp.device)]
+    ids, att, tgt = batch(encoded)
+    ids = ids.masked_fill(att == 0, pad_id(lm.tokenizer))
+    lp = target_logprobs(lm.model, ids.to(dev), tgt.to(dev), att.to(dev), use_cache=False)  # [B, T-1]
+    return -lp[tgt[:, 1:].to(lp.device)]
 
 
 @torch.no_grad()
@@ -84,7 +74,8 @@ def mean_activations(lm, encoded, *, batch_size: int = 4) -> torch.Tensor:
     count = 0
     dev = site.input_device()
     for start in range(0, len(encoded), batch_size):
-        ids, att, _ = collate(encoded[start:start + batch_size], pad_id(lm.tokenizer))
+        ids, att, _ = batch(encoded[start:start + batch_size])
+        ids = ids.masked_fill(att == 0, pad_id(lm.tokenizer))
         with capture(site) as store:
             lm.model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False)
         w = att[:, :, None].double()

@@ -16,6 +16,7 @@ import torch
 
 from ...data import Sample, collate, encode, pad_id
 from ...errors import CaplocError, DataError
+from ...lmhead import position_logits
 from .config import KNOWN_MODES, AuditConfig
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,9 @@ def knowledge_probe(site, tokenizer, facts: Sequence[Fact], batch_size: int = 32
     for b0 in range(0, len(items), batch_size):
         chunk = items[b0 : b0 + batch_size]
         ids, att, last, tgt = prompt_batch([e for *_, e in chunk], pad)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).logits
-        lg = logits[torch.arange(len(chunk), device=logits.device), last.to(logits.device)].float()
+        with torch.no_grad():  # the LM head on the last prompt position of each row only (caploc.lmhead)
+            lg = position_logits(model, last.to(dev), input_ids=ids.to(dev), attention_mask=att.to(dev),
+                                 use_cache=False)
         pr = lg.softmax(-1)
         pt = pr.gather(1, tgt.to(pr.device)[:, None])
         rk = (pr > pt).sum(1)

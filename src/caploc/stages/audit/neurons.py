@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from ...blocks import rows_cache
 from ...errors import CaplocError
 from ...hooks import neuron_hooks, scale_neurons
+from ...lmhead import position_probs
 from ...models.layouts import Site
 from ...stats import per_layer_counts, random_layer_matched_set
 from .base import FactJob, Method, seed_parts
@@ -104,9 +105,9 @@ def target_probs(site: Site, encoded, neurons_flat: np.ndarray | None = None, fa
         chunk = encoded[b0 : b0 + batch_size]
         ids, att, last, tgt = prompt_batch(chunk, pad_id)
         with torch.no_grad(), _scale_at(site, neurons_flat, factor, positions, last):
-            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).logits
-        lg = logits[torch.arange(len(chunk), device=logits.device), last.to(logits.device)].float()
-        out.append(lg.softmax(-1).gather(1, tgt.to(lg.device)[:, None])[:, 0].cpu().numpy())
+            p = position_probs(model, tgt.to(dev), last.to(dev), input_ids=ids.to(dev), attention_mask=att.to(dev),
+                               use_cache=False)
+        out.append(p.cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
@@ -187,9 +188,9 @@ def row_set_probs(site, encoded_rows, row_sets, factor, positions: str, pad_id: 
             return fn
 
         with torch.no_grad(), neuron_hooks(site, {l: make_all(g) for l, g in gains.items()}):
-            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).logits
-        lg = logits[torch.arange(len(enc), device=logits.device), last.to(logits.device)].float()
-        out.append(lg.softmax(-1).gather(1, tgt.to(lg.device)[:, None])[:, 0].cpu().numpy())
+            p = position_probs(model, tgt.to(dev), last.to(dev), input_ids=ids.to(dev), attention_mask=att.to(dev),
+                               use_cache=False)
+        out.append(p.cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
