@@ -47,6 +47,7 @@ import torch
 
 from ..blocks import rows_cache, staggered_blocks
 from ..config import check, setting
+from ..data import collate, pad_id
 from ..errors import CaplocError, DataError
 from ..hooks import frozen, neuron_hooks
 from ..lmhead import IGNORE_INDEX, first_target_prob, model_logprobs
@@ -479,13 +480,9 @@ class Attributor:
         T = max(len(p.input_ids) for p in plans)
         B = len(plans)
         dev = site.input_device()
-        pad = getattr(model.config, "pad_token_id", None) or 0
-        ids = torch.full((B, T), int(pad), dtype=torch.long)
-        att = torch.zeros(B, T, dtype=torch.long)
+        ids, att = collate([p.input_ids.tolist() for p in plans], pad_id(None, model.config), width=T)
         pmask = torch.zeros(B, T, dtype=torch.bool)
         for k, p in enumerate(plans):
-            ids[k, : len(p.input_ids)] = p.input_ids
-            att[k, : len(p.input_ids)] = 1
             pmask[k, : len(p.input_ids)] = p.scaled
         xs: dict[int, torch.Tensor] = {}
         need_grad = cfg.method == "grad_x_act"
