@@ -50,7 +50,7 @@ def _env(**kw) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. torchrun: 2 processes == 1 process, bit for bit
 # ---------------------------------------------------------------------------------------------------------------------
-LOCATE_ARGS = ["--model", "tiny:llama", "--data", "rg:basic_arithmetic", "--n", "8", "--steps", "2", "--shard-size", "1",
+LOCATE_ARGS = ["--model", "tiny:llama", "--data", "rg:basic_arithmetic", "--n", "8", "--method", "ig", "--steps", "2", "--shard-size", "1",
                "--rule", "topk", "--topk", "5", "--min-freq", "0.25"]
 
 
