@@ -352,3 +352,25 @@ def test_real_model_neuron_step_keeps_base():
     tl = train_adapter(lm, ad, ds, FinetuneConfig(arms=("neurons",), steps=2, batch_size=2), progress=False)
     assert all(np.isfinite(tl.losses)) and tl.n_optimizer_state == 2 * ad.n_trainable() == 2 * 3 * 3 * 576
     assert all(torch.equal(p, snap[n]) for n, p in list(lm.model.named_parameters())[:40])
+
+
+def test_finetune_claim_needs_enough_random_arms():
+    """The fine-tuning claim follows the intervention rules: permutation p, and no verdict below MIN_CONTROLS arms."""
+    from caploc.stages.controls import MIN_CONTROLS
+    from caploc.stages.finetune.compare import compare_arms
+    from caploc.stages.finetune.result import ArmResult
+
+    def arm(name, kind, delta):
+        a = ArmResult.__new__(ArmResult)
+        a.name, a.kind, a.eval, a.n_trainable = name, kind, {"gsm": {"delta": delta}}, 10
+        return a
+
+    for n_rand in (2, MIN_CONTROLS):
+        arms = [arm("neurons", "neurons", -0.5)] + [arm(f"random_{i}", "random", -0.01 * i) for i in range(n_rand)]
+        _, _, claims = compare_arms(arms, {"gsm": {}}, {"gsm": "on"}, {})
+        c = claims["finetune_beats_random"]
+        assert c["beats"] is True and c["p"] == pytest.approx(1 / (n_rand + 1))
+        if n_rand < MIN_CONTROLS:
+            assert c["holds"] is None and c["verdict"] == "insufficient controls"
+        else:
+            assert c["holds"] is True and c["verdict"] == "holds"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...stats import bootstrap_ci, compare_to_null
+from ..controls import MIN_CONTROLS, permutation_p, verdict
 from .result import ArmResult
 
 
@@ -43,9 +44,14 @@ def compare_arms(arms: list[ArmResult], untuned: dict, roles: dict, per_sample: 
         claims["finetune_beats_random"] = {
             "value": c["delta_neurons"], "dataset": main, "metric": "delta NLL/token (after - before; < 0 = better)",
             "null_mean": c.get("null_mean"), "null_sd": c.get("null_sd"), "z": c.get("z"),
-            "p": c.get("p_two_sided"), "n_null": c.get("n_null"),
+            "p_two_sided": c.get("p_two_sided"), "n_null": c.get("n_null"),
             "beats": c.get("better_than_all_random") if rnd else None,
         }
+        cl = claims["finetune_beats_random"]
+        if rnd:  # the intervention rules: a verdict needs MIN_CONTROLS random arms; permutation p, lower is better
+            cl["p"] = permutation_p(c["delta_neurons"], np.asarray(c["random_deltas"]), -1)
+            cl["holds"], cl["verdict"] = verdict(bool(cl["beats"]), len(rnd), MIN_CONTROLS)
+            cl["min_controls"] = MIN_CONTROLS
         if "full" in by:
             f = by["full"].eval[main]["delta"]
             claims["neurons_share_of_full_gain"] = {
