@@ -22,7 +22,7 @@ def test_real_ig_matches_reference_and_is_complete(lm):
 
     s = load_dataset("gsm_symbolic", n=1, seed=0, target="answer")[0]
     e = encode(lm.tokenizer, s)
-    cfg = AttributionConfig(steps=2, layers=[20, 29], positions="target")
+    cfg = AttributionConfig(method="ig", steps=2, layers=[20, 29], positions="target")
     res = Attributor(lm.site, cfg).score(e.input_ids, e.prompt_len)
     assert not res.fallback
     ref = reference_ig(lm.site, e.input_ids, e.prompt_len, 29, cfg)
