@@ -23,7 +23,7 @@ Cases (samples: the first ``--n`` of 8 gsm_symbolic problems with their gold cha
 * ``ig`` / ``ig2048``: ``Attributor`` exact IG on the IG sample, ``--steps`` steps, the default ``memory_mb`` (automatic:
   512 MB on a CPU; the ``before`` code's default was 2048) / ``memory_mb=2048`` (the CLI's ``--memory-mb`` default);
   the objective and a checksum of the scores are printed, so equal scores under both budgets can be checked;
-* ``eval``: ``caploc.evaluate.nll_sums`` on the ``--n`` samples (batch 8), the stage code as it is in the tree run;
+* ``eval``: ``caploc.measure.nll_sums`` (``caploc.evaluate`` in the --before commit) on the ``--n`` samples (batch 8), the stage code as it is in the tree run;
   ``eval_lmhead``: the same NLLs through ``caploc.lmhead.row_nll`` (what ``nll_sums`` gives once wired to it).
 
 ``--before REF`` (default: ``4da1152``, main before the chunked head) also runs ``gxa``, ``ig`` and ``eval`` with
@@ -135,7 +135,11 @@ def _case(args) -> None:
         from types import SimpleNamespace
 
         from caploc.data.encode import Encoded
-        from caploc.evaluate import nll_sums
+
+        try:
+            from caploc.measure import nll_sums  # this tree
+        except ImportError:  # the --before commit (module renamed by the stage split)
+            from caploc.evaluate import nll_sums
 
         enc = [Encoded(i, p) for i, p in samples]
         if args.case == "eval":
