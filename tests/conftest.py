@@ -21,3 +21,12 @@ def tiny_models():
 @pytest.fixture(params=TINY_ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU the second thread only burns time spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

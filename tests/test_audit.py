@@ -33,12 +33,8 @@ from caploc.stats import expected_random_agreement
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small ops on a shared, oversubscribed CPU run many times faster on one thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

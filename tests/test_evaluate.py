@@ -18,12 +18,8 @@ from caploc.stages.evaluate import EvalRun, run_eval
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models are ~40x faster with one thread on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

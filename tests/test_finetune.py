@@ -29,12 +29,8 @@ SEL = {0: [1, 5, 7], 2: [0, 3, 40]}  # layer -> neuron indices (all < 48 = small
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU the second thread only burns time spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _snapshot(model):

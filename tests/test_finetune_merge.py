@@ -16,11 +16,8 @@ SEL = {0: [1, 5, 7], 2: [0, 3, 40]}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from caploc.data import Dataset, Sample
 from caploc.errors import CaplocError
@@ -21,11 +20,8 @@ LRS = (1e-4, 3e-2, 3.0)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _toy_ds(n, name="toy", offset=0):

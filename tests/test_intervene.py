@@ -39,11 +39,8 @@ from caploc.stages.intervene import (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def _snapshot(model):

@@ -36,12 +36,8 @@ from caploc.stages.generic import (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two spinning threads made tiny forwards ~13x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _strict_json(path: Path):
