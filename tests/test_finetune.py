@@ -352,9 +352,9 @@ def test_real_model_neuron_step_keeps_base():
 
 def test_finetune_claim_needs_enough_random_arms():
     """The fine-tuning claim follows the intervention rules: permutation p, and no verdict below MIN_CONTROLS arms."""
-    from caploc.stages.controls import MIN_CONTROLS
     from caploc.stages.finetune.compare import compare_arms
     from caploc.stages.finetune.result import ArmResult
+    from caploc.verdicts import MIN_CONTROLS
 
     def arm(name, kind, delta):
         a = ArmResult.__new__(ArmResult)

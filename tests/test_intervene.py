@@ -21,14 +21,7 @@ from caploc.hooks import count_hooks
 from caploc.models.loading import load_model
 from caploc.neurons import gain_for, intervention
 from caploc.results import NeuronSet
-from caploc.stages.controls import (
-    absolute_specificity,
-    activation_matched_set,
-    actmatched_share,
-    permutation_p,
-    random_controls,
-    verdict,
-)
+from caploc.stages.controls import activation_matched_set, random_controls
 from caploc.stages.intervene import (
     InterveneConfig,
     InterventionResult,
@@ -36,6 +29,7 @@ from caploc.stages.intervene import (
     run_intervention,
     specificity_index,
 )
+from caploc.verdicts import absolute_specificity, actmatched_share, permutation_p, verdict
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -67,18 +67,16 @@ from ..report import intervene as report_iv
 from ..results import NeuronSet, atomic_save_tensors, atomic_write_json, check_out_dir, read_result
 from ..runs import commit
 from ..stats import bootstrap_ci, compare_to_null
-from .controls import (
+from ..verdicts import (
     MIN_CONTROLS,
     SPEC_MARGIN,
     SPEC_MAX_OFF_SHARE,
     absolute_specificity,
-    activation_matched_set,
     actmatched_share,
-    mean_abs_activation,
     permutation_p,
-    random_controls,
     verdict,
 )
+from .controls import activation_matched_set, mean_abs_activation, random_controls
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...stats import bootstrap_ci, compare_to_null
-from ..controls import MIN_CONTROLS, permutation_p, verdict
+from ...verdicts import MIN_CONTROLS, permutation_p, verdict
 from .result import ArmResult
 
 
