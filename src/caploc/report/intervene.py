@@ -81,7 +81,7 @@ def _figures(res: Any, out_dir: Path) -> list[dict]:
 
 
 def actmatched_sentence(share: float, label: str, k: float, set_effect: float | None = None) -> str:
-    """A plain reading of ``stages.controls.actmatched_share`` (effect_actmatched / effect_set) for the report.
+    """A plain reading of ``caploc.verdicts.actmatched_share`` (effect_actmatched / effect_set) for the report.
 
     ``set_effect``: the set's ΔNLL/token; the share is only read when it moves the data in the gain's expected
     direction (NLL up for k < 1, down for k > 1). Readings: >= 1 magnitude explains all of it; >= 0.5 much; >= 0.2
@@ -115,7 +115,7 @@ def _text(res: Any, claims: dict) -> list[str]:
     n = len(res.random_conditions)
     need = res.min_controls
     ai = m.get("activation_matching") or {}
-    margin, share = cfg.get("spec_margin", 0.0), cfg.get("spec_max_off_share", 0.5)  # stages.controls defaults
+    margin, share = cfg.get("spec_margin", 0.0), cfg.get("spec_max_off_share", 0.5)  # caploc.verdicts defaults
     text = [
         f"Model {m.get('model_id')} (fingerprint {m.get('model_fingerprint')}); {m.get('n_neurons')} neurons "
         f"({m.get('neuron_site')}) from the set localized on {m.get('neuron_set', {}).get('dataset')} "
