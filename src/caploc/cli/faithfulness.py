@@ -11,7 +11,7 @@ from ..errors import CaplocError
 from ..stages.faithfulness import FaithConfig
 from ..stages.masklearn import MaskConfig
 from .app import app, console, load_model_from_opts, print_table
-from .options import opt
+from .options import opt, split_list
 
 
 def _named(items: list[str] | None, what: str) -> dict[str, Path]:
@@ -24,10 +24,6 @@ def _named(items: list[str] | None, what: str) -> dict[str, Path]:
             raise CaplocError(f"--{what} name {k!r} is given twice")
         out[k.strip()] = Path(v.strip())
     return out
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @app.command("learn-mask")
@@ -49,7 +45,7 @@ def learn_mask_cmd(
     cfg = MaskConfig(steps=steps, lr=lr, lam=lam, beta=beta, fill=fill, batch_size=batch_size, seed=seed)
     lm = load_model_from_opts(model, dtype, device, None, None)
     on = load_dataset(data, n=n, seed=seed, target=target)
-    offs = [load_dataset(s, n=n, seed=seed, target=target) for s in _csv(off)]
+    offs = [load_dataset(s, n=n, seed=seed, target=target) for s in split_list(off)]
     enc_on = encode_dataset(lm.tokenizer, on)
     enc_off = [e for ds in offs for e in encode_dataset(lm.tokenizer, ds)]
     logging.getLogger("caploc").setLevel(logging.INFO)
@@ -97,7 +93,7 @@ def faithfulness(
     from ..stages.fidelity import load_partial
     from ..stages.masklearn import MaskResult, mean_activations
 
-    cfg = FaithConfig(lo=lo, hi=hi, points=points, n_random=n_random, seed=0, directions=tuple(_csv(directions)),
+    cfg = FaithConfig(lo=lo, hi=hi, points=points, n_random=n_random, seed=0, directions=tuple(split_list(directions)),
                       erase_fill=erase_fill, keep_fill=keep_fill, batch_size=batch_size)
     runs, sets = _named(run, "run"), {k: NeuronSet.load(v) for k, v in _named(neuron_set, "set").items()}
     if not runs and mask is None:
@@ -108,14 +104,14 @@ def faithfulness(
         part = load_partial(d)
         used[name] = {"dir": str(d), "n_samples": int(part["scores"].shape[0]), "of": part["n_total"],
                       "attribution": part["spec"].get("attribution")}
-        rankings.update(rankings_from_scores(name, part["scores"], _csv(norms), freq, sigma))
+        rankings.update(rankings_from_scores(name, part["scores"], split_list(norms), freq, sigma))
     exclude = set()
     if mask is not None:
         mr = MaskResult.load(mask)
         rankings["mask"] = mr.ranking()
         sets["mask"] = mr.neuron_set()
         exclude = set(mr.meta.get("train_prompts", []))
-    specs = [(data, "on")] + [(s, "off") for s in _csv(off)]
+    specs = [(data, "on")] + [(s, "off") for s in split_list(off)]
     datasets = encoded_sets(lm, specs, n, seed, target=target, exclude_prompts=frozenset(exclude))
     means = None
     if "mean" in (erase_fill, keep_fill):
@@ -179,9 +175,9 @@ def stability_gap(
         N = int(part["scores"].shape[0])
         if not bool((part["index"] == torch.arange(N)).all()):
             raise CaplocError(f"{d}: the finished samples are not a prefix 0..{N - 1}; wait for earlier shards")
-        counts = [int(x) for x in _csv(ns)] if ns else sample_counts(N)
-        for r in stability_curve(part["scores"], counts, rules=_csv(rules), sigmas=[float(x) for x in _csv(sigmas)],
-                                 min_freqs=[float(x) for x in _csv(min_freqs)], seeds=seeds):
+        counts = split_list(ns, int) if ns else sample_counts(N)
+        for r in stability_curve(part["scores"], counts, rules=split_list(rules), sigmas=split_list(sigmas, float),
+                                 min_freqs=split_list(min_freqs, float), seeds=seeds):
             rows.append({"run": name, "method": (part["spec"].get("attribution") or {}).get("method"), **r})
     res = {"kind": "stability_gap", "rows": rows, "runs": {k: str(v) for k, v in _named(run, "run").items()}}
     save_json(res, out / "stability_gap.json")

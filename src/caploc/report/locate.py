@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cards import Context, top_neurons
 from ..errors import CaplocError
 from ..results import NeuronSet, read_json
 from . import figures as F
@@ -44,11 +45,8 @@ TOP_NEURONS = 200
 
 def neuron_table(ns: NeuronSet, top: int = TOP_NEURONS) -> dict:
     """The set's neurons, most frequently selected first (all of them live in neurons.json)."""
-    order = np.lexsort((ns.pairs[:, 1], ns.pairs[:, 0],
-                        -np.nan_to_num(ns.mean_score) if ns.mean_score is not None else np.zeros(len(ns)),
-                        -np.nan_to_num(ns.frequency) if ns.frequency is not None else np.zeros(len(ns))))
     rows = []
-    for k in order[:top]:
+    for k in top_neurons(ns, top):
         rows.append([f"L{int(ns.pairs[k, 0])}:{int(ns.pairs[k, 1])}",
                      None if ns.frequency is None else round(float(ns.frequency[k]), 4),
                      None if ns.mean_score is None else float(f"{float(ns.mean_score[k]):.4g}")])
@@ -68,10 +66,9 @@ def _cards(run_dir: Path) -> dict | None:
         for c in data["cards"]:
             ctxs = []
             for x in c["contexts"]:
-                toks = [str(t) for t in x["tokens"]]
-                m = int(x["mark"])
-                text = "".join(toks[:m]) + "[" + toks[m] + "]" + "".join(toks[m + 1:]) if 0 <= m < len(toks) else ""
-                ctxs.append(f"{text.strip()} ({float(x['activation']):.3g})")
+                ctx = Context(str(x.get("sample_id", "")), int(x.get("position", 0)), float(x["activation"]),
+                              [str(t) for t in x["tokens"]], int(x["mark"]))
+                ctxs.append(f"{ctx.text('[', ']').strip()} ({ctx.activation:.3g})")
             rows.append([f"L{int(c['layer'])}:{int(c['index'])}", c.get("frequency"), c.get("mean_score"),
                          " · ".join(ctxs)])
     except (CaplocError, KeyError, TypeError, ValueError, IndexError):
