@@ -38,6 +38,7 @@ from .localize import locate as _locate
 from .models import LoadedModel, load_model
 from .models.fingerprint import model_fingerprint
 from .models.layouts import LAYOUTS, Site
+from .models.loading import model_info
 from .results import NeuronSet
 from .splits import StabilityConfig
 from .stages.finetune import FinetuneConfig, finetune_data
@@ -65,14 +66,8 @@ def as_model(model: Any, tokenizer: Any = None, *, layout: Any = None, **load_kw
     if isinstance(layout, str) and layout.strip() in LAYOUTS:
         layout = LAYOUTS[layout.strip()]
     site = Site(model, layout)
-    first = next(model.parameters())
     model_id = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-    info = {
-        "model_id": model_id, "source": "in-memory", "path": None, "model_type": site.model_type,
-        "dtype": str(first.dtype).replace("torch.", ""), "device": str(first.device), "device_map": None,
-        "n_layers": site.n_layers, "d_mlp": site.d_mlp, "n_params": int(sum(p.numel() for p in model.parameters())),
-        "fingerprint": model_fingerprint(model),
-    }
+    info = model_info(model, site, model_id, source="in-memory", fingerprint=model_fingerprint(model))
     return LoadedModel(model=model, tokenizer=tokenizer, site=site, model_id=model_id, info=info)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .attribution.engine import AttributionConfig
-from .config import check, fields_of, from_mapping, setting, to_mapping
+from .config import check, default_of, fields_of, from_mapping, setting, to_mapping
 from .data.builtin import GSM_TARGETS
 from .errors import CaplocError
 from .localize import LocateConfig
@@ -185,16 +185,12 @@ def _names(cls) -> set[str]:
     return {f.name for f in fields_of(cls)}
 
 
-def _nested_type(cls, name: str):
-    return type(getattr(cls(), name)) if name in _names(cls) else None
-
-
 def _route(sec: str, table: Mapping, spec: Section, where: str) -> tuple[dict, dict]:
     """Split a section's keys into study-only keys and the stage config's table (flat nested keys moved in)."""
     extras, conf = {}, {}
     ex_names = _names(spec.extras)
     conf_names = _names(spec.config) if spec.config is not None else set()
-    nested = {n: _names(_nested_type(spec.config, n)) for n in spec.flat}
+    nested = {n: _names(type(default_of(spec.config, n))) for n in spec.flat}
     for key, value in table.items():
         if key in ex_names:
             extras[key] = value

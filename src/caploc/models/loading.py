@@ -424,6 +424,25 @@ def _load_hf_cached(name: str, dtype, device_map, allow_pickle: bool):
 
 
 # ----- public entry point -------------------------------------------------------------------------------------------
+def model_info(model: nn.Module, site: Site, name: str, *, source: str, fingerprint: str, path: Path | None = None,
+               device_map: dict | None = None) -> dict:
+    """The provenance of a loaded model that every result records (``LoadedModel.info``)."""
+    first = next(model.parameters())
+    return {
+        "model_id": name,
+        "source": source,
+        "path": str(path) if path is not None else None,
+        "model_type": site.model_type,
+        "dtype": _dtype_name(first.dtype),
+        "device": str(first.device),
+        "device_map": {str(k): str(v) for k, v in device_map.items()} if isinstance(device_map, dict) else None,
+        "n_layers": site.n_layers,
+        "d_mlp": site.d_mlp,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "fingerprint": fingerprint,
+    }
+
+
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
                device_map: str | dict | None = None, layout: str | MLPLayout | None = None,
                cache_dir: str | Path | None = None, allow_pickle: bool = False) -> LoadedModel:
@@ -496,25 +515,14 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     hf_map = getattr(model, "hf_device_map", None)
     if not isinstance(hf_map, dict):  # transformers sets no hf_device_map for a single-device map
         hf_map = device_map if isinstance(device_map, dict) else ({"": str(first.device)} if device_map else None)
-    info = {
-        "model_id": name,
-        "source": source,
-        "path": str(path) if path is not None else None,
-        "model_type": site.model_type,
-        "dtype": _dtype_name(first.dtype),
-        "device": str(first.device),
-        "device_map": {str(k): str(v) for k, v in hf_map.items()} if isinstance(hf_map, dict) else None,
-        "n_layers": site.n_layers,
-        "d_mlp": site.d_mlp,
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-        "fingerprint": _fingerprint(model, files, torch_dtype, cdir),
-    }
+    info = model_info(model, site, name, source=source, path=path, device_map=hf_map,
+                      fingerprint=_fingerprint(model, files, torch_dtype, cdir))
     logger.info("loaded %s (%s, %s, %s) in %.2f s", name, source, info["model_type"], info["dtype"],
                 time.perf_counter() - t0)
     return LoadedModel(model=model, tokenizer=tokenizer, site=site, model_id=name, info=info)
 
 
 __all__ = [
-    "DEFAULT_MODEL", "LoadedModel", "load_model", "default_cache_dir", "model_fingerprint", "resolve_device",
+    "DEFAULT_MODEL", "LoadedModel", "load_model", "model_info", "default_cache_dir", "model_fingerprint", "resolve_device",
     "parse_dtype", "tiny_tokenizer",
 ]
