@@ -37,8 +37,8 @@ from .localize import LocateConfig, LocateResult
 from .localize import locate as _locate
 from .models import LoadedModel, load_model
 from .models.fingerprint import model_fingerprint
-from .models.layouts import LAYOUTS, Site
-from .models.loading import model_info
+from .models.layouts import Site
+from .models.loading import model_info, prepare_tokenizer, resolve_layout
 from .results import NeuronSet
 from .splits import StabilityConfig
 from .stages.finetune import FinetuneConfig, finetune_data
@@ -63,9 +63,7 @@ def as_model(model: Any, tokenizer: Any = None, *, layout: Any = None, **load_kw
                           f"{type(model).__name__}")
     if tokenizer is None:
         raise CaplocError("pass tokenizer= with an in-memory model (caploc never downloads one)")
-    if isinstance(layout, str) and layout.strip() in LAYOUTS:
-        layout = LAYOUTS[layout.strip()]
-    site = Site(model, layout)
+    site = Site(model, resolve_layout(layout))
     model_id = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     info = model_info(model, site, model_id, source="in-memory", fingerprint=model_fingerprint(model))
     return LoadedModel(model=model, tokenizer=tokenizer, site=site, model_id=model_id, info=info)
@@ -80,9 +78,7 @@ def borrowed(lm: LoadedModel) -> Iterator[LoadedModel]:
     pad, side = getattr(tok, "pad_token", None), getattr(tok, "padding_side", None)
     try:
         model.eval()
-        if tok.pad_token is None and tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "right"
+        prepare_tokenizer(tok, lm.model_id)
         yield lm
     finally:
         model.train(was_training)

@@ -424,6 +424,23 @@ def _load_hf_cached(name: str, dtype, device_map, allow_pickle: bool):
 
 
 # ----- public entry point -------------------------------------------------------------------------------------------
+def prepare_tokenizer(tokenizer, name: str = "the model") -> None:
+    """Right padding, and the eos token as pad token when there is none (padded positions are always masked)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            logger.warning("tokenizer of %s has neither a pad nor an eos token; batches cannot be padded", name)
+    tokenizer.padding_side = "right"
+
+
+def resolve_layout(layout: str | MLPLayout | None) -> str | MLPLayout | None:
+    """A registered architecture's name -> its layout; anything else (a layout, its JSON or spec string) as given."""
+    if isinstance(layout, str) and layout.strip() in LAYOUTS:
+        return LAYOUTS[layout.strip()]
+    return layout
+
+
 def model_info(model: nn.Module, site: Site, name: str, *, source: str, fingerprint: str, path: Path | None = None,
                device_map: dict | None = None) -> dict:
     """The provenance of a loaded model that every result records (``LoadedModel.info``)."""
@@ -500,16 +517,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
         model = model.to(target)
     model.eval()
 
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            logger.warning("tokenizer of %s has neither a pad nor an eos token; batches cannot be padded", name)
-    tokenizer.padding_side = "right"
-
-    if isinstance(layout, str) and layout.strip() in LAYOUTS:
-        layout = LAYOUTS[layout.strip()]
-    site = Site(model, layout)  # raises ArchitectureError (one line, names --layout) for unknown architectures
+    prepare_tokenizer(tokenizer, name)
+    site = Site(model, resolve_layout(layout))  # raises ArchitectureError (one line, names --layout) for unknown architectures
 
     first = next(model.parameters())
     hf_map = getattr(model, "hf_device_map", None)
@@ -523,6 +532,6 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
 
 
 __all__ = [
-    "DEFAULT_MODEL", "LoadedModel", "load_model", "model_info", "default_cache_dir", "model_fingerprint", "resolve_device",
+    "DEFAULT_MODEL", "LoadedModel", "load_model", "model_info", "prepare_tokenizer", "resolve_layout", "default_cache_dir", "model_fingerprint", "resolve_device",
     "parse_dtype", "tiny_tokenizer",
 ]
