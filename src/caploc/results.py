@@ -130,20 +130,36 @@ def write_manifest(out_dir: Path | str, files) -> Path:
     return out_dir / MANIFEST
 
 
+_MANIFESTS: dict[Path, tuple[tuple, dict]] = {}  # manifest -> ((inode, mtime_ns, size), its "files")
+
+
+def _manifest_files(m: Path, root: Path) -> dict:
+    """The ``files`` table of manifest ``m``, parsed once per version of the file (a result with many files, such as
+    an audit's per-fact records, is verified file by file)."""
+    st = m.stat()
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)  # an atomic rewrite is a new inode
+    hit = _MANIFESTS.get(m)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        data = json.loads(m.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CaplocError(f"{m} is unreadable: the result directory {root} is damaged; rerun the command that "
+                          "wrote it") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        raise CaplocError(f"{m} is not a caploc result manifest; rerun the command that wrote {root}")
+    _MANIFESTS[m] = (key, files)
+    return files
+
+
 def _manifest_entry(path: Path) -> tuple[Path, str] | None:
     """The sha256 a manifest records for ``path`` (the manifest of its directory or of the one above)."""
     for root in (path.parent, path.parent.parent):
         m = root / MANIFEST
         if not m.is_file():
             continue
-        try:
-            data = json.loads(m.read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise CaplocError(f"{m} is unreadable: the result directory {root} is damaged; rerun the command that "
-                              "wrote it") from None
-        files = data.get("files") if isinstance(data, dict) else None
-        if not isinstance(files, dict):
-            raise CaplocError(f"{m} is not a caploc result manifest; rerun the command that wrote {root}")
+        files = _manifest_files(m, root)
         rel = path.relative_to(root).as_posix()
         if rel in files:
             return m, str(files[rel])
