@@ -84,7 +84,7 @@ def neuron_cards(lm, neurons: NeuronSet, dataset, *, top: int = 10, contexts: in
     device = next(lm.model.parameters()).device
     starts = list(range(0, len(encoded), batch_size))
     with torch.no_grad():
-        for b0 in track(starts, "neuron cards", total=len(starts)):
+        for b0 in track(starts, "neuron cards"):
             batch = encoded[b0: b0 + batch_size]
             ids, mask = collate([e.input_ids for e in batch], pad)
             with capture(lm.site, layers) as acts:

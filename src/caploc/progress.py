@@ -75,8 +75,6 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", progress: bo
 
 def track(iterable, desc: str = "", total: int | None = None, unit: str = "it", progress: bool | None = None):
     """Iterate ``iterable`` with a progress bar labelled ``desc`` (``total`` defaults to ``len(iterable)``)."""
-    if not isinstance(desc, str):  # track(items, n): the count given positionally
-        desc, total = "", desc
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
     with bar(total, desc, unit, progress) as b:
