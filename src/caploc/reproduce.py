@@ -14,6 +14,7 @@ model and data fingerprints, seeds, timings) and the paper-claim table (:mod:`ca
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import sys
@@ -137,12 +138,11 @@ def _stage_finetune(ctx: _Ctx, out: Path) -> None:
     ft, loc = ctx.study.extras["finetune"], ctx.study.extras["locate"]
     ns = NeuronSet.load(ctx.dir("locate"))
     train, sets, on = finetune_data(loc.data, ft.n_train, ft.n_eval, eval_data=ft.eval_data, seed=ctx.seed,
-                                    data_seed=ctx.seed + 1, target=loc.target, neuron_meta=read_json(
-                                        ctx.dir("locate") / "neurons.json"))
+                                    data_seed=ctx.seed + 1, target=loc.target, neuron_meta=ns.meta)
     cfg = ctx.study.configs["finetune"]
     if not len(ns) and "neurons" in cfg.arms:
         log.warning("the located set is empty: fine-tuning without the neurons arm")
-        cfg = type(cfg)(**{**cfg.__dict__, "arms": tuple(a for a in cfg.arms if a != "neurons")})
+        cfg = dataclasses.replace(cfg, arms=tuple(a for a in cfg.arms if a != "neurons"))
     finetune(ctx.lm, ns if len(ns) else None, train, cfg, out, eval_sets=sets, on_target=on)
 
 
