@@ -29,6 +29,7 @@ from .answers import KINDS, answer_kind, dataset_labels, done_fn, is_correct, tr
 from .data import collate, encode_dataset, encode_prompt, pad_id
 from .errors import CaplocError
 from .lmhead import row_nll
+from .memory import ModelShape, eval_sample_bytes, fit_count, model_budgets
 from .progress import bar as progress_bar
 from .results import atomic_write_json, read_json
 
@@ -119,8 +120,12 @@ def _bar(total: int, desc: str, progress: bool | None, unit: str = "sample"):
 
 @torch.no_grad()
 def nll_sums(lm, encoded, *, batch_size: int = 8, progress: bool | None = None, desc: str = "nll",
-             budget_bytes: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Summed target NLL [n] (float64) and target token counts [n] of already-encoded samples (``Encoded``)."""
+             memory_mb: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed target NLL [n] (float64) and target token counts [n] of already-encoded samples (``Encoded``).
+
+    Samples go longest first; a batch holds at most ``batch_size`` of them and, padded to its longest, fits the
+    rows' share of ``memory_mb`` (:func:`caploc.memory.budgets`; None: the automatic budget of the model's device)
+    by :func:`caploc.memory.eval_sample_bytes`; the LM head's chunk is the budget's head share."""
     batch_size = _check_batch_size(batch_size)
     model, tok = lm.model, lm.tokenizer
     pad = pad_id(tok, model.config)
@@ -129,22 +134,29 @@ def nll_sums(lm, encoded, *, batch_size: int = 8, progress: bool | None = None, 
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([e.target_len for e in encoded], dtype=np.int64)
     order = sorted(range(n), key=lambda i: -len(encoded[i]))  # similar lengths share a batch: less padding
+    b = model_budgets(model, memory_mb)
+    shape, dtype = ModelShape.from_model(model), next(model.parameters()).dtype
+    attn = "eager" if getattr(model.config, "_attn_implementation", None) == "eager" else "sdpa"
+    lengths = [len(encoded[i]) for i in order]
     with _bar(n, desc, progress) as bar:
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+        start = 0
+        while start < n:
+            nb = fit_count(lengths, start, batch_size, lambda T: eval_sample_bytes(shape, T, dtype, attn), b.rows)
+            idx = order[start:start + nb]
+            start += nb
             ids, mask = collate([encoded[i].input_ids for i in idx], pad)
             tgt = torch.zeros_like(mask, dtype=torch.bool)
             for r, i in enumerate(idx):
                 tgt[r, encoded[i].prompt_len:len(encoded[i])] = True
             # only the target positions go through the LM head, a chunk at a time (caploc.lmhead): no [B, T, vocab]
-            sums[idx] = row_nll(model, ids.to(device), tgt.to(device), mask.to(device), budget_bytes=budget_bytes,
+            sums[idx] = row_nll(model, ids.to(device), tgt.to(device), mask.to(device), budget_bytes=b.head,
                                 use_cache=False).cpu().numpy()
             bar.update(len(idx))
     return sums, counts
 
 
 def nll(lm, dataset, *, chat: bool = False, batch_size: int = 8, max_length: int | None = None,
-        progress: bool | None = None) -> EvalResult:
+        progress: bool | None = None, memory_mb: float | None = None) -> EvalResult:
     """Teacher-forced NLL per target token of the gold targets of ``dataset`` under the model's current hooks.
 
     Batched with right padding and an attention mask, without gradients; sample order is kept in the result.
@@ -153,7 +165,8 @@ def nll(lm, dataset, *, chat: bool = False, batch_size: int = 8, max_length: int
         raise CaplocError(f"dataset {dataset.name!r} is empty: nothing to evaluate")
     max_len = max_length or getattr(lm.model.config, "max_position_embeddings", None)
     encoded = encode_dataset(lm.tokenizer, dataset, chat=chat, max_length=max_len)
-    sums, counts = nll_sums(lm, encoded, batch_size=batch_size, progress=progress, desc=f"nll {dataset.name}")
+    sums, counts = nll_sums(lm, encoded, batch_size=batch_size, progress=progress, desc=f"nll {dataset.name}",
+                            memory_mb=memory_mb)
     return EvalResult(
         dataset=dataset.name, fingerprint=dataset.fingerprint(), n=len(dataset),
         nll_per_token=float(sums.sum() / counts.sum()), nll_per_sample=sums / counts, n_tokens=counts,
@@ -240,14 +253,15 @@ def accuracy(lm, dataset, *, chat: bool = False, batch_size: int = 8, max_new_to
 
 def evaluate(lm, dataset, *, metrics: Sequence[str] = ("nll",), chat: bool = False, batch_size: int = 8,
              max_length: int | None = None, max_new_tokens: int | None = None, parser: str | None = None,
-             progress: bool | None = None) -> EvalResult:
+             progress: bool | None = None, memory_mb: float | None = None) -> EvalResult:
     """:func:`nll` and/or :func:`accuracy` of ``dataset`` under the model's current hooks."""
     metrics = tuple(metrics)
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise CaplocError(f"unknown metrics {bad or metrics!r}; choose from {', '.join(METRICS)}")
     if "nll" in metrics:
-        res = nll(lm, dataset, chat=chat, batch_size=batch_size, max_length=max_length, progress=progress)
+        res = nll(lm, dataset, chat=chat, batch_size=batch_size, max_length=max_length, progress=progress,
+                  memory_mb=memory_mb)
     else:
         res = EvalResult(dataset.name, dataset.fingerprint(), len(dataset), float("nan"), np.zeros(0))
     if "accuracy" in metrics:

@@ -74,6 +74,8 @@ GiB = 2**30
 MiB = 2**20
 
 _GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
+_SANDWICH = {"gemma2", "gemma3_text", "gemma3"}
+_QK_NORM = {"gemma3_text", "gemma3", "qwen3"}
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,10 @@ def _elem(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+#: the help of every stage's ``memory_mb`` setting (evaluation, interventions, faithfulness, fine-tuning)
+MEMORY_HELP = ("Budget of one forward (and backward) beyond the weights, MB: caps the samples per batch and sizes the "
+               "LM-head chunks; default: from free memory (on a CPU at most 512 MB).")
+
 #: the LM head's share of a budget, and its cap (larger chunks do not make the head faster)
 HEAD_SHARE = 1 / 16
 HEAD_CAP = 256 * MiB
@@ -203,8 +209,9 @@ def auto_budget_mb(model, *, reserve_gb: float = 1.0, safety: float = 0.9) -> fl
     return max(64.0, float(mb))
 
 
-def attribution_budgets(model, memory_mb: float | None) -> Budgets:
-    """The engine's :class:`Budgets`: from ``memory_mb``, or from :func:`auto_budget_mb` when it is None."""
+def model_budgets(model, memory_mb: float | None) -> Budgets:
+    """A run's :class:`Budgets` (attribution, evaluation, fine-tuning): from ``memory_mb``, or from
+    :func:`auto_budget_mb` when it is None."""
     return budgets(auto_budget_mb(model) if memory_mb is None else memory_mb)
 
 
@@ -212,9 +219,13 @@ def activation_bytes_per_token_layer(shape: ModelShape, dtype="float32", attn: s
     """Bytes saved for backward per row, per token, per run layer above the lowest (``a`` in the module docstring)."""
     e = _elem(dtype)
     d, m = shape.d_model, shape.d_mlp
+    # Gemma 2/3 norm after attention and after the MLP too (two more fp32 norm inputs); Gemma 3 and Qwen 3 normalize
+    # each query and key head (their fp32 inputs)
+    extra = (2 * d * 4 if shape.model_type in _SANDWICH else 0) \
+        + ((shape.n_heads + shape.n_kv_heads) * shape.head_dim * 4 if shape.model_type in _QK_NORM else 0)
     if shape.gated:
-        return 2 * d * 4 + (2 if attn == "sdpa" else 1) * d * e + 3 * m * e
-    return 2 * d * 4 + (4 * d + 6 * m) * e
+        return 2 * d * 4 + (2 if attn == "sdpa" else 1) * d * e + 3 * m * e + extra
+    return 2 * d * 4 + (4 * d + 6 * m) * e + extra
 
 
 def ig_peak_bytes(config, rows: int, suffix_len: int, prefix_len: int = 0, dtype="float32", *,
@@ -311,6 +322,48 @@ def gxa_sample_bytes(shape: ModelShape, seq_len: int, dtype="float32", grad: boo
     return saved + 2 * capt + T * (2 * d + 3 * m) * e
 
 
+def fit_count(lengths, start: int, cap: int, sample_bytes, budget: float) -> int:
+    """How many items from ``start`` (at most ``cap``) form one batch: padded to the longest of them, ``n`` samples
+    cost ``n * sample_bytes(T)``, which must stay within ``budget`` bytes. At least 1 (an item that does not fit alone
+    runs alone). The one batching rule of grad x act / activation, evaluation and fine-tuning micro-batches."""
+    n, T = 0, 0
+    while start + n < len(lengths) and n < cap:
+        T_new = max(T, int(lengths[start + n]))
+        if n > 0 and (n + 1) * sample_bytes(T_new) > budget:
+            break
+        n, T = n + 1, T_new
+    return max(n, 1)
+
+
+def eval_sample_bytes(shape: ModelShape, seq_len: int, dtype="float32", attn: str = "sdpa") -> int:
+    """Bytes one sample of ``seq_len`` tokens costs a no-grad forward (evaluation NLL, interventions), beyond the LM
+    head's chunk: the residual stream, the block's input / norm output / attention output (``4 d``), one MLP's
+    three ``m``-wide intermediates, the keys/values (grouped-query ones repeated for the attention) and the padding
+    mask; eager attention its probabilities. No KV cache is kept (``use_cache=False``)."""
+    e = _elem(dtype)
+    d, m, T = shape.d_model, shape.d_mlp, int(seq_len)
+    kv = 2 * shape.n_heads * shape.head_dim
+    attn_b = shape.n_heads * T * T * 4 if attn == "eager" else T * T * e
+    return T * (4 * d + 3 * m + kv) * e + attn_b
+
+
+def train_sample_bytes(shape: ModelShape, seq_len: int, dtype="float32", attn: str = "sdpa") -> int:
+    """Bytes one sample of ``seq_len`` tokens costs a fine-tuning step's forward + backward, beyond the LM head's
+    chunk: what autograd saves when parameters inside every layer train (:func:`activation_bytes_per_token_layer`
+    plus the inputs the trained linear maps save: the normed block input, the attention output, the normed MLP
+    input and the neurons, ``(3 d + m) e``), grouped-query K/V repeated, eager attention's probabilities, the final
+    norm's input, and one layer's gradient buffers in the backward."""
+    e = _elem(dtype)
+    L, d, m, T = shape.n_layers, shape.d_model, shape.d_mlp, int(seq_len)
+    per = activation_bytes_per_token_layer(shape, dtype, attn) + (3 * d + m) * e
+    saved = T * L * per + T * d * 4
+    if shape.n_kv_heads < shape.n_heads:
+        saved += T * L * 2 * shape.n_heads * shape.head_dim * e
+    if attn == "eager":
+        saved += L * shape.n_heads * T * T * (4 + (e if e < 4 else 0))
+    return saved + T * (2 * d + 3 * m) * e
+
+
 def gxa_peak_bytes(config, batch: int, seq_len: int, n_scored: int | None = None, dtype="float32", *,
                    grad: bool = True, attn: str = "sdpa", memory_mb: float = 2048.0,
                    include_weights: bool = True) -> dict:
@@ -405,12 +458,8 @@ def gxa_run_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], *, b
     rows_budget = budgets(memory_mb).rows
     worst, worst_b, i, sizes = 0, 0, 0, []
     while i < len(seq_lens):
-        nb, T = 0, 0
-        while i + nb < len(seq_lens) and nb < batch_size:
-            T_new = max(T, seq_lens[i + nb])
-            if nb > 0 and (nb + 1) * gxa_sample_bytes(s, T_new, dtype, grad, attn) > rows_budget:
-                break
-            nb, T = nb + 1, T_new
+        nb = fit_count(seq_lens, i, batch_size, lambda t: gxa_sample_bytes(s, t, dtype, grad, attn), rows_budget)
+        T = max(seq_lens[i : i + nb])
         n = sum(seq_lens[j] - prompt_lens[j] for j in range(i, i + nb))
         t = gxa_peak_bytes(s, nb, T, n, dtype, grad=grad, attn=attn, memory_mb=memory_mb,
                            include_weights=include_weights)["total"]
@@ -492,7 +541,7 @@ def format_plan(p: dict) -> str:
                f"does not fit: one row needs {p['peak_gb']:.1f} GB"))
 
 
-__all__ = ["ModelShape", "count_params", "Budgets", "budgets", "auto_budget_mb", "attribution_budgets",
+__all__ = ["ModelShape", "count_params", "Budgets", "budgets", "auto_budget_mb", "model_budgets",
            "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes", "gxa_sample_bytes",
            "gxa_peak_bytes", "bare_forward_backward_bytes", "ig_sample_peak_bytes", "gxa_run_peak_bytes", "plan", "auto_memory_mb", "format_plan", "HEAD_SHARE",
            "HEAD_CAP", "chunk_tokens", "bytes_per_logit"]

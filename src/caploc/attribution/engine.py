@@ -51,7 +51,7 @@ from ..data import collate, pad_id
 from ..errors import CaplocError, DataError
 from ..hooks import frozen, neuron_hooks
 from ..lmhead import IGNORE_INDEX, first_target_prob, model_logprobs
-from ..memory import ModelShape, attribution_budgets, engine_row_bytes, gxa_sample_bytes
+from ..memory import ModelShape, engine_row_bytes, fit_count, gxa_sample_bytes, model_budgets
 from ..models.layouts import Site
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Attributor:
         self.stats = {"rows": 0, "grad_rows": 0, "forward_only_rows": 0, "forwards": 0, "fallbacks": 0,
                       "oom_backoffs": 0}
         self._gxa_cap: int | None = None  # samples per grad_x_act batch learnt from an out-of-memory error
-        self.budgets = attribution_budgets(self.model, cfg.memory_mb)  # rows / samples, and the LM head's chunk
+        self.budgets = model_budgets(self.model, cfg.memory_mb)  # rows / samples, and the LM head's chunk
         self._shape: ModelShape | None = None
 
     @property
@@ -465,13 +465,8 @@ class Attributor:
         dtype = next(self.model.parameters()).dtype
         attn = "eager" if getattr(self.model.config, "_attn_implementation", None) == "eager" else "sdpa"
         grad = self.cfg.method == "grad_x_act"
-        n, T = 0, 0
-        while b + n < len(items) and n < cap:
-            T_new = max(T, len(items[b + n][0]))
-            if n > 0 and (n + 1) * gxa_sample_bytes(self.shape, T_new, dtype, grad, attn) > self.budgets.rows:
-                break
-            n, T = n + 1, T_new
-        return max(n, 1)
+        return fit_count([len(it[0]) for it in items], b, cap,
+                         lambda T: gxa_sample_bytes(self.shape, T, dtype, grad, attn), self.budgets.rows)
 
     def _gxa_batch(self, batch) -> list[SampleScores]:
         cfg, site, model = self.cfg, self.site, self.model

@@ -53,6 +53,7 @@ def eval_cmd(
     heldout: bool = typer.Option(True, help="With --neurons: split the first dataset into held-out samples and held-out templates relative to the localization data."),
     chat: bool = opt(EvalConfig, "chat"),
     batch_size: int = opt(EvalConfig, "batch_size"),
+    memory_mb: Optional[float] = opt(EvalConfig, "memory_mb"),
     max_length: Optional[int] = opt(EvalConfig, "max_length"),
     max_new_tokens: Optional[int] = opt(EvalConfig, "max_new_tokens"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
@@ -63,7 +64,7 @@ def eval_cmd(
     from rich.table import Table
 
     cfg = EvalConfig(metrics=parse_metrics(metrics), mode=mode, k=k, chat=chat, batch_size=batch_size,
-                     max_length=max_length, max_new_tokens=max_new_tokens)
+                     memory_mb=memory_mb, max_length=max_length, max_new_tokens=max_new_tokens)
     gain_for(cfg.mode, cfg.k)  # validate before loading anything
     check_out_dir(out)
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)

@@ -79,7 +79,7 @@ def faithfulness(
     lo: float = opt(FaithConfig, "lo"), hi: float = opt(FaithConfig, "hi"), points: int = opt(FaithConfig, "points"),
     n_random: int = opt(FaithConfig, "n_random"), directions: str = opt(FaithConfig, "directions"),
     erase_fill: str = opt(FaithConfig, "erase_fill"), keep_fill: str = opt(FaithConfig, "keep_fill"),
-    batch_size: int = opt(FaithConfig, "batch_size"),
+    batch_size: int = opt(FaithConfig, "batch_size"), memory_mb: Optional[float] = opt(FaithConfig, "memory_mb"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("runs/faithfulness")),
 ):
@@ -94,7 +94,8 @@ def faithfulness(
     from ..stages.masklearn import MaskResult, mean_activations
 
     cfg = FaithConfig(lo=lo, hi=hi, points=points, n_random=n_random, seed=0, directions=tuple(split_list(directions)),
-                      erase_fill=erase_fill, keep_fill=keep_fill, batch_size=batch_size)
+                      erase_fill=erase_fill, keep_fill=keep_fill, batch_size=batch_size,
+                      memory_mb=memory_mb)
     runs, sets = _named(run, "run"), {k: NeuronSet.load(v) for k, v in _named(neuron_set, "set").items()}
     if not runs and mask is None:
         raise CaplocError("nothing to rank: pass --run NAME=DIR and/or --mask DIR")

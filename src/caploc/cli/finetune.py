@@ -40,6 +40,7 @@ def finetune(
     lora_alpha: float = opt(C, "lora_alpha", "--lora-alpha"),
     metrics: str = opt(C, "metrics", "--metrics"),
     eval_batch_size: int = opt(C, "eval_batch_size", "--eval-batch-size"),
+    memory_mb: Optional[float] = opt(C, "memory_mb", "--memory-mb"),
     chat: bool = opt(C, "chat", "--chat/--no-chat"),
     max_length: Optional[int] = opt(C, "max_length", "--max-length"),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu", help="cpu | auto | an accelerator"),
@@ -66,7 +67,8 @@ def finetune(
     cfg = C(arms=arms, steps=steps, lr=lr, full_lr=full_lr, lora_lr=lora_lr, lrs=split_list(lrs, float),
             full_lrs=split_list(full_lrs, float), lora_lrs=split_list(lora_lrs, float), val_fraction=val_fraction, batch_size=batch_size, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
             schedule=schedule, n_random=n_random, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha, chat=chat,
-            max_length=max_length, eval_batch_size=eval_batch_size, metrics=split_list(metrics))
+            max_length=max_length, eval_batch_size=eval_batch_size, memory_mb=memory_mb,
+            metrics=split_list(metrics))
     ns = NeuronSet.load(neurons) if neurons is not None else None
     if ns is None and any(a in cfg.arms for a in ("neurons", "random")):
         raise CaplocError("the neurons and random arms need --neurons DIR (or pass --arms full,lora)")

@@ -51,6 +51,7 @@ def intervene(
     metrics: str = opt(InterveneConfig, "metrics"),
     chat: bool = opt(InterveneConfig, "chat"),
     batch_size: int = opt(InterveneConfig, "batch_size"),
+    memory_mb: Optional[float] = opt(InterveneConfig, "memory_mb"),
     max_length: Optional[int] = opt(InterveneConfig, "max_length"),
     max_new_tokens: Optional[int] = opt(InterveneConfig, "max_new_tokens"),
     n_boot: int = opt(InterveneConfig, "n_boot"),
@@ -67,7 +68,8 @@ def intervene(
     cfg = InterveneConfig(ks=tuple(gains), primary_k=primary, n_random=n_random, min_controls=min_controls, seed=seed,
                           act_matched=act_matched, act_samples=act_samples, spec_margin=spec_margin,
                           spec_max_off_share=spec_max_off_share, metrics=parse_metrics(metrics), chat=chat,
-                          batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, n_boot=n_boot)
+                          batch_size=batch_size, memory_mb=memory_mb, max_length=max_length, max_new_tokens=max_new_tokens,
+                          n_boot=n_boot)
     check_out_dir(out)
     ns, lm = load_neurons_and_model(neurons, model, dtype, device, device_map, layout)
     specs = list(data or [])

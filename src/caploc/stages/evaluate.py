@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Sequence
 from ..config import check, setting
 from ..errors import CaplocError
 from ..measure import METRICS, EvalResult, evaluate
+from ..memory import MEMORY_HELP
 from ..neurons import MODES, gain_for, intervention
 from ..report import evaluate as report_eval
 from ..results import atomic_write_json, check_out_dir, read_json
@@ -43,7 +44,8 @@ class EvalConfig:
     mode: str = setting("erase", help="With neurons: erase (gain 0) or enhance (gain k).", choices=MODES)
     k: float = setting(2.0, help="Enhancement gain (mode enhance).", min=0.0)
     chat: bool = setting(False, help="Wrap prompts in the chat template.")
-    batch_size: int = setting(8, help="Samples per forward pass.", min=1)
+    batch_size: int = setting(8, help="At most this many samples per forward pass.", min=1)
+    memory_mb: float | None = setting(None, min=0, min_exclusive=True, help=MEMORY_HELP)
     max_length: int | None = setting(None, help="Refuse samples longer than this many tokens (default: the model's "
                                      "context).", min=1)
     max_new_tokens: int | None = setting(None, help="Generation length for accuracy (default: longest target + 8).",
@@ -58,7 +60,7 @@ class EvalConfig:
     def measure_kw(self) -> dict:
         """The keyword arguments of :func:`evaluate` these settings give."""
         return {"chat": self.chat, "batch_size": self.batch_size, "max_length": self.max_length,
-                "max_new_tokens": self.max_new_tokens}
+                "max_new_tokens": self.max_new_tokens, "memory_mb": self.memory_mb}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from ..hooks import neuron_hooks
 
 # --- stage-layer imports (redirect after the stage refactor) ---------------------------------------------------------
 from ..measure import nll_sums
+from ..memory import MEMORY_HELP
 from ..progress import bar as progress_bar
 from ..results import NeuronSet, atomic_write_json, read_json
 from .masklearn import FILLS
@@ -191,7 +192,8 @@ class FaithConfig:
                                 help="erase (remove the top-k) and/or keep (keep only the top-k).")
     erase_fill: str = setting("zero", choices=FILLS, help="What an erased neuron is set to: zero | mean.")
     keep_fill: str = setting("mean", choices=FILLS, help="What the neurons outside the kept top-k are set to.")
-    batch_size: int = setting(8, min=1, help="Samples per forward pass.")
+    batch_size: int = setting(8, min=1, help="At most this many samples per forward pass.")
+    memory_mb: float | None = setting(None, min=0, min_exclusive=True, help=MEMORY_HELP)
 
     def __post_init__(self):
         self.directions = tuple(self.directions)
@@ -297,8 +299,8 @@ def _lists(d):
     return d
 
 
-def _nll(lm, encoded, batch_size: int) -> float:
-    sums, counts = nll_sums(lm, encoded, batch_size=batch_size, progress=False)
+def _nll(lm, encoded, cfg: FaithConfig) -> float:
+    sums, counts = nll_sums(lm, encoded, batch_size=cfg.batch_size, progress=False, memory_mb=cfg.memory_mb)
     return float(sums.sum() / counts.sum())
 
 
@@ -322,7 +324,7 @@ def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, 
     allr = dict(rankings)
     for i, r in enumerate(random_rankings(n, cfg.n_random, cfg.seed)):
         allr[f"random:{i}"] = r
-    base = {lab: _nll(lm, enc, cfg.batch_size) for lab, enc, _ in datasets}
+    base = {lab: _nll(lm, enc, cfg) for lab, enc, _ in datasets}
     nll, ablated, points = {}, {}, {}
     jobs = len(cfg.directions) * (len(allr) * len(ks) + len(sets or {}))
     with progress_bar(jobs, "faithfulness", "intervention", progress) as bar:
@@ -330,7 +332,7 @@ def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, 
             fill = means if cfg.fill_of(d) == "mean" else None
             keep = d == "keep"
             with ablate(site, np.arange(n), fill):
-                ablated[d] = {lab: _nll(lm, enc, cfg.batch_size) for lab, enc, _ in datasets}
+                ablated[d] = {lab: _nll(lm, enc, cfg) for lab, enc, _ in datasets}
             nll[d] = {lab: {} for lab, _, _ in datasets}
             for name, r in allr.items():
                 for lab, _, _ in datasets:
@@ -338,14 +340,14 @@ def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, 
                 for k in ks:
                     with ablate(site, r[:k], fill, complement=keep):
                         for lab, enc, _ in datasets:
-                            nll[d][lab][name].append(_nll(lm, enc, cfg.batch_size))
+                            nll[d][lab][name].append(_nll(lm, enc, cfg))
                     bar.update(1)
             points[d] = {lab: {} for lab, _, _ in datasets}
             for name, s in (sets or {}).items():
                 s.check_compatible(site)
                 with ablate(site, s.flat, fill, complement=keep):
                     for lab, enc, _ in datasets:
-                        points[d][lab][name] = [len(s), _nll(lm, enc, cfg.batch_size)]
+                        points[d][lab][name] = [len(s), _nll(lm, enc, cfg)]
                 bar.update(1)
             log.info("faithfulness: %s done", d)
     info = {"config": cfg.to_dict(), "model_id": lm.info.get("model_id"),

@@ -61,6 +61,7 @@ from ..config import check, setting
 from ..data import encode_dataset
 from ..errors import CaplocError
 from ..measure import METRICS, accuracy, nll_sums
+from ..memory import MEMORY_HELP
 from ..neurons import flat_indices, intervention
 from ..progress import bar as progress_bar
 from ..report import intervene as report_iv
@@ -106,7 +107,8 @@ class InterveneConfig:
     metrics: tuple = setting(("nll",), help="nll, accuracy or both (accuracy generates: slow).", choices=METRICS,
                              item=str)
     chat: bool = setting(False, help="Wrap prompts in the chat template.")
-    batch_size: int = setting(8, help="Samples per forward pass.", min=1)
+    batch_size: int = setting(8, help="At most this many samples per forward pass.", min=1)
+    memory_mb: float | None = setting(None, min=0, min_exclusive=True, help=MEMORY_HELP)
     max_length: int | None = setting(None, help="Refuse samples longer than this many tokens.", min=1)
     max_new_tokens: int | None = setting(None, help="Generation length for accuracy (default: longest target + 8).",
                                          min=1)
@@ -436,7 +438,7 @@ class InterventionResult:
 # running
 # ---------------------------------------------------------------------------------------------------------------------
 def _measure(lm, ds, enc, cfg: InterveneConfig, kind: str | None):
-    sums, counts = nll_sums(lm, enc, batch_size=cfg.batch_size, progress=False)
+    sums, counts = nll_sums(lm, enc, batch_size=cfg.batch_size, progress=False, memory_mb=cfg.memory_mb)
     correct = None
     if "accuracy" in cfg.metrics:
         _, correct, _ = accuracy(lm, ds, chat=cfg.chat, batch_size=cfg.batch_size,

@@ -45,7 +45,12 @@ class FinetuneConfig:
     lora_alpha: float = setting(16.0, **_LR, help="LoRA alpha.")
     chat: bool = setting(False, help="Wrap prompts in the tokenizer's chat template.")
     max_length: int | None = setting(None, min=1, help="Refuse samples longer than this many tokens.")
-    eval_batch_size: int = setting(8, min=1, help="Evaluation batch size.")
+    eval_batch_size: int = setting(8, min=1, help="At most this many samples per evaluation forward pass.")
+    memory_mb: float | None = setting(None, min=0, min_exclusive=True,
+                                      help="Budget of one training or evaluation forward/backward beyond the weights, MB: "
+                                      "a training batch that does not fit is split into micro-batches whose gradients "
+                                      "add up to the batch's (same loss); default: from free memory (on a CPU at most "
+                                      "512 MB).")
     metrics: tuple[str, ...] = setting(("nll",), choices=("nll", "accuracy"),
                                        help="nll and/or accuracy (comma list; accuracy generates and is slow).")
     save_adapters: bool = setting(True, help="Save the neuron and random arms' adapters.")
@@ -114,7 +119,7 @@ class FinetuneConfig:
 
     def key_dict(self) -> dict:
         """The settings that change results (resume key): no output-only settings, sweep settings only when used."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("save_adapters", "eval_batch_size")}
+        d = {k: v for k, v in self.to_dict().items() if k not in ("save_adapters", "eval_batch_size", "memory_mb")}
         if not self.sweep:
             for k in SWEEP_KEYS:
                 d.pop(k)

@@ -154,7 +154,7 @@ class FinetuneExperiment:
         cfg, out = self.cfg, {}
         for name, ds in (self.eval_sets if sets is None else sets).items():
             r = evaluate_set(lm, ds, metrics=cfg.metrics, chat=cfg.chat, batch_size=cfg.eval_batch_size,
-                             max_length=cfg.max_length, progress=self.progress)
+                             max_length=cfg.max_length, progress=self.progress, memory_mb=cfg.memory_mb)
             row = {"nll": float(r.nll_per_token)}
             per = getattr(r, "nll_per_sample", None)
             if per is not None:
@@ -169,7 +169,7 @@ class FinetuneExperiment:
     def validation_nll(self, lm) -> float:
         """NLL per target token of the validation split under ``lm`` (its current hooks)."""
         r = evaluate_set(lm, self.val_ds, metrics=("nll",), chat=self.cfg.chat, batch_size=self.cfg.eval_batch_size,
-                         max_length=self.cfg.max_length, progress=self.progress)
+                         max_length=self.cfg.max_length, progress=self.progress, memory_mb=self.cfg.memory_mb)
         return float(r.nll_per_token)
 
     def _split_per_sample(self, name: str, ev: dict) -> dict:

@@ -21,6 +21,7 @@ from ...data import pad_id as token_pad_id
 from ...errors import CaplocError
 from ...hooks import frozen
 from ...lmhead import batch_nll
+from ...memory import ModelShape, fit_count, model_budgets, train_sample_bytes
 from ...progress import track
 from .adapter import NeuronAdapter, unwrap
 from .config import FinetuneConfig
@@ -101,6 +102,22 @@ class TrainLog:
     step_cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time per step (all threads)
 
 
+def micro_batches(lengths: Sequence[int], budget_rows: float, sample_bytes) -> list[list[int]]:
+    """Positions of one training batch's samples grouped into micro-batches that fit ``budget_rows`` bytes
+    (:func:`caploc.memory.fit_count` with ``sample_bytes(T)`` per sample padded to ``T``): the whole batch in its own
+    order when it fits, else longest first (less padding)."""
+    n = len(lengths)
+    if fit_count(lengths, 0, n, sample_bytes, budget_rows) == n:
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    out, start = [], 0
+    while start < n:
+        k = fit_count([lengths[i] for i in order], start, n, sample_bytes, budget_rows)
+        out.append(order[start:start + k])
+        start += k
+    return out
+
+
 def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, cfg: FinetuneConfig, *,
           lr: float | None = None, weight_decay: float = 0.0, pad_id: int = 0, desc: str = "finetune",
           context=None, progress: bool | None = None, return_optimizer: bool = False):
@@ -117,7 +134,11 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     order = batch_order(len(encoded), cfg.steps, cfg.batch_size, cfg.seed)
     device = next(model.parameters()).device
-    losses, times, cpu = [], [], []
+    budgets = model_budgets(model, cfg.memory_mb)
+    shape, dtype = ModelShape.from_model(model), next(model.parameters()).dtype
+    attn = "eager" if getattr(model.config, "_attn_implementation", None) == "eager" else "sdpa"
+    sample_bytes = lambda T: train_sample_bytes(shape, T, dtype, attn)  # noqa: E731
+    losses, times, cpu, n_micro = [], [], [], 0
     was_training = model.training
     model.eval()  # dropout off: arms differ only in which parameters move
     t_all = time.perf_counter()
@@ -126,15 +147,23 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
         with ctx, torch.enable_grad():
             for step, idx in enumerate(track(order, desc=desc, unit="step", progress=progress)):
                 t0, c0 = time.perf_counter(), time.process_time()
-                batch = collate_batch([encoded[i] for i in idx], pad_id, device)
-                # the LM head runs on the target positions only, a chunk at a time (caploc.lmhead): the same loss as
-                # target_nll(model(...).logits, batch) without the [B, T, vocab] logits and their gradients
-                nll, ntok = batch_nll(model, batch)
-                loss = nll / ntok.clamp(min=1)
+                # a batch that does not fit the budget runs as micro-batches: each one's summed NLL over the batch's
+                # target-token count, so the gradients add up to the whole batch's (gradient accumulation)
+                parts = [collate_batch([encoded[idx[j]] for j in mb], pad_id, device)
+                         for mb in micro_batches([len(encoded[i]) for i in idx], budgets.rows, sample_bytes)]
+                n_micro += len(parts)
+                ntok = sum(int((b["target_mask"][:, 1:] & b["attention_mask"][:, 1:].bool()).sum()) for b in parts)
+                opt.zero_grad(set_to_none=True)
+                loss = torch.zeros(())
+                for batch in parts:
+                    # the LM head runs on the target positions only, a chunk at a time (caploc.lmhead): the same loss
+                    # as target_nll(model(...).logits, batch) without the [B, T, vocab] logits and their gradients
+                    nll, _ = batch_nll(model, batch, budget_bytes=budgets.head)
+                    part = nll / max(ntok, 1)
+                    part.backward()
+                    loss = loss + part.detach().float().cpu()
                 if not torch.isfinite(loss):
                     raise DivergedError(f"{desc}: the loss became {loss.item()} at step {step}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
@@ -149,7 +178,8 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, c
         model.train(was_training)
     tl = TrainLog(losses, time.perf_counter() - t_all, times, int(sum(p.numel() for p in params)),
                   optimizer_state_numel(opt), float(lr), cpu)
-    log.info("%s: %d steps, loss %.4f -> %.4f, %.1f s", desc, cfg.steps, losses[0], losses[-1], tl.seconds)
+    log.info("%s: %d steps (%d micro-batches), loss %.4f -> %.4f, %.1f s", desc, cfg.steps, n_micro, losses[0],
+             losses[-1], tl.seconds)
     opt.zero_grad(set_to_none=True)
     if return_optimizer:
         return tl, opt
@@ -168,5 +198,5 @@ def train_adapter(lm, adapter: NeuronAdapter, train_ds, cfg: FinetuneConfig, *, 
                      context=lambda: adapter.applied(model), progress=progress, return_optimizer=return_optimizer)
 
 
-__all__ = ["DivergedError", "TrainLog", "batch_order", "collate_batch", "lr_lambda", "optimizer_state_numel",
+__all__ = ["DivergedError", "TrainLog", "batch_order", "collate_batch", "lr_lambda", "micro_batches", "optimizer_state_numel",
            "target_nll", "train", "train_adapter"]
