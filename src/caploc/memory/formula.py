@@ -67,8 +67,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CaplocError
-from .lmhead import bytes_per_logit, chunk_tokens, head_peak_bytes
+from ..errors import CaplocError
+from ..lmhead import bytes_per_logit, chunk_tokens, head_peak_bytes
 
 GiB = 2**30
 MiB = 2**20
@@ -137,7 +137,7 @@ def _shape(config) -> ModelShape:
 
 def _elem(dtype) -> int:
     if isinstance(dtype, str):
-        from .models.loading import parse_dtype
+        from ..models.loading import parse_dtype
 
         dtype = parse_dtype(dtype)
     return torch.empty((), dtype=dtype).element_size()
@@ -172,13 +172,6 @@ def budgets(memory_mb: float) -> Budgets:
     total = float(memory_mb) * MiB
     head = min(total * HEAD_SHARE, HEAD_CAP)
     return Budgets(total, head, total - head)
-
-
-def _total_for_rows(rows_bytes: float) -> float:
-    """The smallest total whose :func:`budgets` leave ``rows_bytes`` for the rows (inverse of the split)."""
-    total = rows_bytes / (1 - HEAD_SHARE)
-    return total if total * HEAD_SHARE <= HEAD_CAP else rows_bytes + HEAD_CAP
-
 
 def _mem_available() -> float | None:
     try:
@@ -285,7 +278,7 @@ def _head_bytes(s: ModelShape, n_tokens: int, dtype, head_budget: float, grad: b
 
 
 def _dtype(name) -> torch.dtype:
-    from .models.loading import parse_dtype
+    from ..models.loading import parse_dtype
 
     return parse_dtype(name)
 
@@ -393,155 +386,4 @@ def bare_forward_backward_bytes(config, seq_len: int, n_scored: int | None = Non
     return terms
 
 
-def ig_sample_peak_bytes(config, seq_len: int, prompt_len: int, alphas: list[float], weights: list[float], *,
-                         layers: list[int] | None = None, completeness: bool = True, memory_mb: float = 2048.0,
-                         max_rows: int = 256, dtype="float32", attn: str = "sdpa", include_weights: bool = True) -> dict:
-    """Predicted peak bytes of exact IG on one sample of ``seq_len`` tokens (``prompt_len`` of prompt; objective
-    ``logprob``, ``positions=all``, with reuse) as the engine runs it: the clean run (a forward + backward of one row
-    through every layer, recording block outputs and activations), then the (layer, alpha) rows packed top layer
-    first into micro-batches the way ``Attributor._chunk_len`` packs them (:func:`engine_row_bytes` against the rows'
-    share of ``memory_mb``), each micro-batch's peak by :func:`ig_peak_bytes` with every row at its own depth. Returns
-    ``{"total", "clean", "micro_batch", "rows", "batches"}``: the worst micro-batch's peak and row count, and every
-    micro-batch as ``(rows, with_gradient)`` in the engine's order."""
-    s = _shape(config)
-    L = s.n_layers
-    S, n = int(seq_len) - 1, int(seq_len) - int(prompt_len)
-    scored = list(range(L)) if layers is None else sorted(set(layers))
-    b = budgets(memory_mb)
-    w_one = sum(w for a, w in zip(alphas, weights) if a == 1.0)
-    grad_rows, fwd_rows = [], []
-    for l in sorted(scored, reverse=True):
-        for a, w in zip(alphas, weights):
-            if not (w_one and a == 1.0):
-                (grad_rows if w else fwd_rows).append(l)
-        if completeness and 0.0 not in alphas:
-            fwd_rows.append(l)
-    fwd_rows = sorted(fwd_rows + [scored[len(scored) // 2]], reverse=True)  # + the reuse guard
-    base = ig_peak_bytes(s, 1, S, 0, dtype, n_scored=n, scored_layers=len(scored), attn=attn,
-                         include_weights=include_weights, memory_mb=memory_mb)
-    fixed = base["weights"] + base["sample_state"]
-    e = _elem(dtype)
-    # the clean run: one row through all layers with a backward when alpha = 1 is a point, its activations recorded
-    clean = fixed + gxa_sample_bytes(s, S, dtype, bool(w_one), attn) + _head_bytes(s, n, dtype, b.head, bool(w_one))
-    worst, worst_rows, batches = 0, 0, []
-    for rows, grad in ((grad_rows, True), (fwd_rows, False)):
-        i = 0
-        while i < len(rows):
-            r, total = 0, 0
-            while i + r < len(rows) and r < max_rows:
-                c = engine_row_bytes(s, S, n, dtype, L - rows[i + r], 0, grad)
-                if r > 0 and total + c > b.rows:
-                    break
-                total, r = total + c, r + 1
-            chunk = rows[i : i + r]
-            batches.append((r, grad))
-            if grad:
-                t = ig_peak_bytes(s, r, S, 0, dtype, n_scored=n, depth=[L - l for l in chunk],
-                                  scaled_layers=len(set(chunk)), scored_layers=len(scored), attn=attn,
-                                  include_weights=include_weights, memory_mb=memory_mb)["total"]
-            else:  # forward only: the rows' KV cache and one layer's transients, the head without a backward
-                t = fixed + sum(2 * s.n_kv_heads * s.head_dim * (L - l) * S * e for l in chunk) \
-                    + r * S * (4 * s.d_model + 3 * s.d_mlp) * e + _head_bytes(s, r * n, dtype, b.head, False)
-            if t > worst:
-                worst, worst_rows = t, r
-            i += r
-    return {"total": max(clean, worst), "clean": clean, "micro_batch": worst, "rows": worst_rows, "batches": batches}
-
-
-def gxa_run_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], *, batch_size: int = 8,
-                       memory_mb: float = 2048.0, grad: bool = True, dtype="float32", attn: str = "sdpa",
-                       include_weights: bool = True) -> dict:
-    """Predicted peak bytes of grad x act (``grad``) or activation over samples in the given order, batched the way
-    ``Attributor._gxa_len`` batches them (at most ``batch_size``, padded to the longest, within the rows' share of
-    ``memory_mb``). Returns ``{"total", "batch", "batches"}``: the worst batch's peak and size, and every batch's size."""
-    s = _shape(config)
-    rows_budget = budgets(memory_mb).rows
-    worst, worst_b, i, sizes = 0, 0, 0, []
-    while i < len(seq_lens):
-        nb = fit_count(seq_lens, i, batch_size, lambda t: gxa_sample_bytes(s, t, dtype, grad, attn), rows_budget)
-        T = max(seq_lens[i : i + nb])
-        n = sum(seq_lens[j] - prompt_lens[j] for j in range(i, i + nb))
-        t = gxa_peak_bytes(s, nb, T, n, dtype, grad=grad, attn=attn, memory_mb=memory_mb,
-                           include_weights=include_weights)["total"]
-        if t > worst:
-            worst, worst_b = t, nb
-        sizes.append(nb)
-        i += nb
-    return {"total": worst, "batch": worst_b, "batches": sizes}
-
-
-def plan(config, seq_len: int, dtype="bfloat16", gpu_mem_gb: float = 80.0, *, prefix_len: int = 0,
-         n_scored: int | None = None, steps: int = 20, attn: str = "sdpa", reserve_gb: float = 1.0,
-         safety: float = 0.9, max_rows: int = 256) -> dict:
-    """The most IG rows per micro-batch that fit ``gpu_mem_gb`` for samples of ``seq_len`` tokens.
-
-    ``prefix_len``: positions before the first scaled one (0 for ``positions=all``; the prompt for ``target``).
-    Returns the row count, the predicted peak (GiB) with its terms, whether even one row fits, and the
-    ``memory_mb`` to pass to ``AttributionConfig`` so the engine packs that many rows at the worst depth.
-    """
-    s = _shape(config)
-    if seq_len < 2 or not 0 <= prefix_len < seq_len - 1:
-        raise CaplocError(f"seq_len must be >= 2 and prefix_len in [0, seq_len - 1) (got {seq_len}, {prefix_len})")
-    S = seq_len - 1 - prefix_len  # the last token is only a label
-    n = S if n_scored is None else int(n_scored)
-    budget = gpu_mem_gb * GiB * safety - reserve_gb * GiB
-    peak = lambda r: ig_peak_bytes(s, r, S, prefix_len, dtype, n_scored=n, attn=attn, scaled_layers=max(1, math.ceil(r / steps)), memory_mb=1e9)
-    lo = 0
-    hi = max_rows
-    if peak(1)["total"] <= budget:
-        lo = 1
-        while lo < hi:  # largest r with peak(r) <= budget (peak is increasing in r)
-            mid = (lo + hi + 1) // 2
-            if peak(mid)["total"] <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-    rows = lo
-    at = peak(max(rows, 1))
-    row_bytes = engine_row_bytes(s, S, n, dtype, prefix_len=prefix_len)
-    rows_total = s.n_layers * (steps + 1)  # (layer, alpha) rows of one sample incl. the alpha = 0 completeness rows
-    return {
-        "model_type": s.model_type, "n_params": s.n_params, "dtype": str(dtype).removeprefix("torch."),
-        "seq_len": seq_len, "prefix_len": prefix_len, "suffix_len": S, "n_scored": n, "gpu_mem_gb": gpu_mem_gb,
-        "fits": rows >= 1, "rows": rows, "peak_gb": at["total"] / GiB,
-        "terms_gb": {k: v / GiB for k, v in at.items() if k != "total"},
-        "per_row_gb": (peak(2)["total"] - peak(1)["total"]) / GiB,
-        "weights_gb": at["weights"] / GiB, "budget_gb": budget / GiB,
-        "memory_mb": math.ceil(_total_for_rows((max(rows, 1) + 0.5) * row_bytes) / MiB),
-        "micro_batches_per_sample": math.ceil(rows_total / max(rows, 1)),
-    }
-
-
-def auto_memory_mb(model, seq_len: int, *, prefix_len: int = 0, n_scored: int | None = None, steps: int = 20,
-                   reserve_gb: float = 1.0, safety: float = 0.9) -> float | None:
-    """``memory_mb`` for ``AttributionConfig`` from the free memory of the accelerator that holds ``model`` (its
-    weights are already resident), for samples of up to ``seq_len`` tokens; None on the CPU (keep the default)."""
-    dev = next(model.parameters()).device
-    if dev.type in ("cpu", "meta"):
-        return None
-    free, _total = torch.accelerator.get_memory_info(dev)
-    shape = ModelShape.from_model(model)
-    weights = shape.n_params * next(model.parameters()).element_size()
-    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    p = plan(shape, seq_len, next(model.parameters()).dtype, (free + weights) / GiB, prefix_len=prefix_len,
-             n_scored=n_scored, steps=steps, attn="eager" if attn == "eager" else "sdpa", reserve_gb=reserve_gb,
-             safety=safety)
-    if not p["fits"]:
-        raise CaplocError(f"one attribution row of {seq_len} tokens needs ~{p['peak_gb'] - p['weights_gb']:.1f} GB "
-                          f"beyond the weights but {free / GiB:.1f} GB are free on {dev}; shorten the samples "
-                          "(--max-length), score fewer positions (--positions target) or split the model (--device-map)")
-    return float(p["memory_mb"])
-
-
-def format_plan(p: dict) -> str:
-    """One line per plan for logs and docs."""
-    return (f"{p['model_type']} {p['n_params'] / 1e9:.2f}B {p['dtype']} seq {p['seq_len']} on {p['gpu_mem_gb']:g} GB: "
-            + (f"{p['rows']} rows/micro-batch, peak {p['peak_gb']:.1f} GB (weights {p['weights_gb']:.1f} GB, "
-               f"{p['per_row_gb']:.2f} GB/row), memory_mb={p['memory_mb']}" if p["fits"] else
-               f"does not fit: one row needs {p['peak_gb']:.1f} GB"))
-
-
-__all__ = ["ModelShape", "count_params", "Budgets", "budgets", "auto_budget_mb", "model_budgets",
-           "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes", "gxa_sample_bytes",
-           "gxa_peak_bytes", "bare_forward_backward_bytes", "ig_sample_peak_bytes", "gxa_run_peak_bytes", "plan", "auto_memory_mb", "format_plan", "HEAD_SHARE",
-           "HEAD_CAP", "chunk_tokens", "bytes_per_logit"]
+__all__ = ['ModelShape', 'count_params', 'Budgets', 'budgets', 'auto_budget_mb', 'model_budgets', 'activation_bytes_per_token_layer', 'ig_peak_bytes', 'engine_row_bytes', 'fit_count', 'gxa_sample_bytes', 'eval_sample_bytes', 'train_sample_bytes', 'gxa_peak_bytes', 'bare_forward_backward_bytes', 'MEMORY_HELP', 'HEAD_SHARE', 'HEAD_CAP', 'CPU_AUTO_CAP_MB', 'GiB', 'MiB', 'chunk_tokens', 'bytes_per_logit']
