@@ -23,8 +23,16 @@ Cases (samples: the first ``--n`` of 8 gsm_symbolic problems with their gold cha
 * ``ig`` / ``ig2048``: ``Attributor`` exact IG on the IG sample, ``--steps`` steps, the default ``memory_mb`` (automatic:
   512 MB on a CPU; the ``before`` code's default was 2048) / ``memory_mb=2048`` (the CLI's ``--memory-mb`` default);
   the objective and a checksum of the scores are printed, so equal scores under both budgets can be checked;
-* ``eval``: ``caploc.measure.nll_sums`` (``caploc.evaluate`` in the --before commit) on the ``--n`` samples (batch 8), the stage code as it is in the tree run;
-  ``eval_lmhead``: the same NLLs through ``caploc.lmhead.row_nll`` (what ``nll_sums`` gives once wired to it).
+* ``eval``: ``caploc.measure.nll_sums`` (``caploc.evaluate`` in the --before commit) on the ``--n`` samples (batch 8,
+  the default ``memory_mb``), the stage code as it is in the tree run;
+  ``eval_lmhead``: the same NLLs through ``caploc.lmhead.row_nll`` (what ``nll_sums`` gives once wired to it);
+* ``intervene``: ``eval`` with 12 neurons (seeded, 4 layers) erased by hooks, as ``caploc intervene`` measures each
+  condition;
+* ``finetune`` / ``finetune_plain``: 2 AdamW steps of the neurons arm (``caploc.stages.finetune.train`` with a
+  ``NeuronAdapter`` on those 12 neurons, batch 4 of the ``--n`` samples): ``finetune`` as the tree runs it (chunked
+  LM head, micro-batches within the default ``memory_mb``); ``finetune_plain`` the same steps with the model's full
+  logits in one batch (``model(...).logits`` + ``target_nll``: what a plain training script holds, and caploc did
+  before the chunked head). The losses are printed: equal to 4 decimals.
 
 ``--before REF`` (default: ``4da1152``, main before the chunked head) also runs ``gxa``, ``ig`` and ``eval`` with
 that commit's ``src`` (``git archive``), the full-logits code. In the ``after`` children ``caploc.memory`` predicts
@@ -47,12 +55,53 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 MODELS = ("default", "32k", "262k")
-CASES = ("weights", "fwd_bwd", "gxa", "ig", "ig2048", "eval", "eval_lmhead")
+CASES = ("weights", "fwd_bwd", "gxa", "ig", "ig2048", "eval", "eval_lmhead", "intervene", "finetune", "finetune_plain")
 DEFAULT_CASES = ("fwd_bwd", "gxa", "ig", "ig2048")
 BEFORE_CASES = ("gxa", "ig", "eval")
 BEFORE = "4da1152"
 POOL = 8  # samples encoded; the IG sample is the shortest of them
 VOCAB = {"32k": 32768, "262k": 262144}
+
+
+class _LivePeak:
+    """The most bytes glibc's malloc had handed out and not taken back (``mallinfo2``: ``uordblks + hblkhd``) beyond
+    the start, sampled at every module's entry and exit and whenever the backward unpacks a saved tensor: live
+    tensors, without the freed memory the allocator keeps (which RSS counts). A sample between those points (inside
+    one op, between two gradient buffers) is not seen, so this is a lower bound of the live peak."""
+
+    def __init__(self, model):
+        import ctypes
+
+        import torch
+
+        class _MI(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = _MI
+        self.base = self.peak = self._inuse()
+        self._handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(self._sample),
+                                                              m.register_forward_hook(self._sample))]
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t, self._unpack)
+        self._ctx.__enter__()
+
+    def _inuse(self) -> int:
+        m = self._libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    def _sample(self, *_a) -> None:
+        self.peak = max(self.peak, self._inuse())
+
+    def _unpack(self, t):
+        self._sample()
+        return t
+
+    def stop(self) -> float:
+        self._ctx.__exit__(None, None, None)
+        for h in self._handles:
+            h.remove()
+        return (self.peak - self.base) / 2**20
 
 
 def _rss_mb() -> float:
@@ -102,7 +151,16 @@ def _case(args) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
             float(p.sum())  # page every weight in: loaded_mb = runtime + weights
+    g = torch.Generator().manual_seed(0)
+    d_mlp = site.d_mlp
+    neurons = [(int(l), int(i)) for l in (0, 7, 15, 29) for i in torch.randperm(d_mlp, generator=g)[:3]]
+    adapter = None
+    if args.case.startswith("finetune"):
+        from caploc.stages.finetune.adapter import NeuronAdapter
+
+        adapter = NeuronAdapter(model, neurons)  # built before the peak is reset: its fingerprint pass does not count
     rss_loaded = _rss_mb()
+    live = _LivePeak(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS: building the model's transients do not count
     t0 = time.perf_counter()
     info: dict = {}
@@ -159,15 +217,53 @@ def _case(args) -> None:
                 tgt[r, e.prompt_len : len(e.input_ids)] = True
             with torch.no_grad():
                 info["f"] = [round(float(-x), 4) for x in row_nll(model, ids, tgt, att, use_cache=False)]
+        info["memory_mb"] = _budget_mb(model)
+    elif args.case == "intervene":
+        from types import SimpleNamespace
+
+        from caploc.data.encode import Encoded
+        from caploc.measure import nll_sums
+        from caploc.neurons import intervention
+
+        lm = SimpleNamespace(model=model, site=site, tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=0))
+        with intervention(site, neurons, 0.0):
+            sums, _counts = nll_sums(lm, [Encoded(i, p) for i, p in samples], batch_size=8, progress=False)
+        info["f"] = [round(float(-x), 4) for x in sums]
+        info["memory_mb"] = _budget_mb(model)
+    elif args.case in ("finetune", "finetune_plain"):
+        import sys as _sys
+
+        from caploc.data.encode import Encoded
+        from caploc.stages.finetune import FinetuneConfig
+        from caploc.stages.finetune.train import target_nll, train
+
+        tm = _sys.modules["caploc.stages.finetune.train"]
+        if args.case == "finetune_plain":  # the model's full logits, one batch
+            tm.batch_nll = lambda m, b, **k: target_nll(m(input_ids=b["input_ids"],
+                                                          attention_mask=b["attention_mask"]).logits, b)
+        cfg = FinetuneConfig(steps=2, batch_size=4, lr=1e-3, memory_mb=1e6 if args.case == "finetune_plain" else None)
+        with adapter.applied(model):
+            log = train(model, list(adapter.deltas.values()), [Encoded(i, p) for i, p in samples], cfg, progress=False)
+        info["f"] = [round(x, 4) for x in log.losses]
+        info["trainable"] = sum(p.numel() for p in adapter.deltas.values())
+        info["memory_mb"] = _budget_mb(model) if args.case == "finetune" else 1e6
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    info.update(_predict(model, args.case, samples, (ig_ids, ig_p), args.steps, info.get("memory_mb")))
+    info["live_mb"] = live.stop()
+    info.update(_predict(model, args.case, samples, (ig_ids, ig_p), args.steps, info.get("memory_mb"),
+                         info.get("trainable")))
     w_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(json.dumps({"model": args.model, "case": args.case, "code": args.code, "peak_mb": peak,
                       "loaded_mb": rss_loaded, "weights_mb": w_mb, "seconds": time.perf_counter() - t0, **info}),
           flush=True)
 
 
-def _predict(model, case, samples, ig_item, steps, memory_mb) -> dict:
+def _budget_mb(model) -> float:
+    from caploc.memory import model_budgets
+
+    return model_budgets(model, None).memory_mb
+
+
+def _predict(model, case, samples, ig_item, steps, memory_mb, trainable=None) -> dict:
     """What ``caploc.memory`` predicts the case adds beyond the weights (MB), where the code run has the predictors."""
     try:
         from caploc import memory as cm
@@ -187,6 +283,17 @@ def _predict(model, case, samples, ig_item, steps, memory_mb) -> dict:
         m = 1.0 / steps
         b = cm.ig_sample_peak_bytes(shape, len(ids), P, [k * m for k in range(1, steps + 1)], [m] * steps,
                                     memory_mb=memory_mb, **kw)["total"]
+    elif case in ("eval", "intervene") and hasattr(cm, "eval_run_peak_bytes"):
+        b = cm.eval_run_peak_bytes(shape, [len(i) for i, _ in samples], [p for _, p in samples], memory_mb=memory_mb,
+                                   **kw)["total"]
+    elif case in ("finetune", "finetune_plain") and hasattr(cm, "train_step_peak_bytes"):
+        lens, prompts = [len(i) for i, _ in samples], [p for _, p in samples]
+        if case == "finetune":
+            b = cm.train_step_peak_bytes(shape, lens, prompts, trainable, memory_mb=memory_mb, **kw)["total"]
+        else:  # one batch: every sample's saved tensors, the [B, T, V] logits and their gradient, and the target
+            # rows' gathered logits and log-softmax (cross_entropy)
+            T, n = max(lens), sum(a - p for a, p in zip(lens, prompts))
+            b = trainable * 12 + len(lens) * cm.train_sample_bytes(shape, T) + (len(lens) * T + n) * shape.vocab * 8
     else:
         return {}
     return {"predicted_mb": b / 2**20}
@@ -265,7 +372,7 @@ def _table(rows: list[dict]) -> None:
     models = [m for m in MODELS if any(k[0] == m for k in by)]
     keys = [(c, code) for c in CASES for code in ("before", "after") if any(k[1:] == (c, code) for k in by)]
     print("\npeak RSS (MB): `before` = full logits (the --before commit), `after` = this tree; "
-          "[measured peak - loaded | predicted by caploc.memory], both beyond the resident weights")
+          "[measured peak RSS - loaded / live malloc peak / predicted by caploc.memory], all beyond the resident weights")
     print("| case | code | " + " | ".join(models) + " |")
     print("|---|---|" + "---:|" * len(models))
     loaded = {m: min(r["loaded_mb"] for r in rows if r["model"] == m) for m in models}
@@ -277,8 +384,8 @@ def _table(rows: list[dict]) -> None:
             if r is None:
                 cells.append("-")
                 continue
-            extra = f" [{r['peak_mb'] - r['loaded_mb']:.0f}" + (f" / {r['predicted_mb']:.0f}]" if "predicted_mb" in r
-                                                                  else "]")
+            extra = f" [{r['peak_mb'] - r['loaded_mb']:.0f}" + (f" / {r['live_mb']:.0f}" if "live_mb" in r else "") \
+                + (f" / {r['predicted_mb']:.0f}]" if "predicted_mb" in r else "]")
             cells.append(f"{r['peak_mb']:.0f}" + (extra if c != "weights" else ""))
         print(f"| {c} | {code} | " + " | ".join(cells) + " |")
     print("\nratios")
@@ -293,6 +400,12 @@ def _table(rows: list[dict]) -> None:
             r = by.get((m, c, code))
             if fb and r and c in ("gxa", "ig", "ig2048"):
                 print(f"  {m}: {c} ({code}) / bare fwd+bwd peak = {r['peak_mb'] / fb['peak_mb']:.2f}x")
+    for m in models:
+        a, b = by.get((m, "finetune", "after")), by.get((m, "finetune_plain", "after"))
+        if a and b:
+            print(f"  {m}: finetune / finetune_plain peak = {a['peak_mb'] / b['peak_mb']:.2f}x; beyond the weights "
+                  f"{(a['peak_mb'] - a['loaded_mb']) / max(1.0, b['peak_mb'] - b['loaded_mb']):.2f}x; losses "
+                  f"{'equal' if a.get('f') == b.get('f') else 'DIFFER: ' + str(a.get('f')) + ' vs ' + str(b.get('f'))}")
     for m in models:
         for c in ("gxa", "ig", "eval"):
             a, b = by.get((m, c, "after")), by.get((m, c, "before"))

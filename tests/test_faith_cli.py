@@ -28,11 +28,12 @@ def test_study_verbs_end_to_end(tmp_path, capsys):
     assert (m / "mask.safetensors").exists() and (m / "neurons.json").exists()
     out = tmp_path / "faith"
     assert main(["faithfulness", "--model", "tiny:llama", "--run", f"gxa={b}", "--set", f"ig_set={a}", "--mask", str(m),
+                 "--reference", f"other={a}",
                  "--data", "rg:basic_arithmetic", "--off", "facts", "--n", "3", "--seed", "5",
                  "--lo", "0.01", "--hi", "0.1", "--points", "3", "--n-random", "2", "--out", str(out)]) == 0
     res = json.loads((out / "faithfulness.json").read_text())
     text = json.dumps(res)
-    assert "gxa:pooled" in text and "mask" in text and "random:1" in text
+    assert "gxa:pooled" in text and "mask" in text and "random:1" in text and "gxa:contrast_z" in text
     assert (out / "faithfulness.png").exists()
     printed = capsys.readouterr().out
     assert "AUC" in printed and len(NeuronSet.load(m)) >= 0

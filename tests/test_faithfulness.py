@@ -18,6 +18,7 @@ from caploc.stages.faithfulness import (
     FaithResult,
     ablate,
     auc,
+    contrast_rankings,
     budget_grid,
     faithfulness,
     frequency_ranking,
@@ -115,6 +116,30 @@ def test_rankings_follow_scores():
     assert frequency_ranking(s, sigma=1.0)[0] == 5
     r = rankings_from_scores("x", s, ("raw", "layer_z"), freq=True, sigma=1.0)
     assert set(r) == {"x:raw", "x:layer_z", "x:cnl", "x:cnl_layer"}
+
+
+def test_contrast_rankings_put_target_only_neurons_before_generic_ones():
+    g = torch.Generator().manual_seed(0)
+    t, r = torch.randn(6, 2, 8, generator=g) * 0.1, torch.randn(5, 2, 8, generator=g) * 0.1
+    t[:, 1, 7] += 10.0  # flat 15: loud everywhere (generic)
+    r[:, 1, 7] += 10.0
+    t[:, 0, 3] += 6.0  # flat 3: loud on the target only
+    assert score_ranking(t)[:2].tolist() == [15, 3]
+    c = contrast_rankings("x", t, {"ref": r}, sigma=1.0)
+    assert set(c) == {"x:contrast_z", "x:contrast_freq"}
+    for v in c.values():
+        assert sorted(v.tolist()) == list(range(16))
+    assert c["x:contrast_z"][0] == 3 and c["x:contrast_freq"][0] == 3
+    assert c["x:contrast_z"].tolist().index(15) > 8  # the generic neuron falls below the noise
+    # the statistic by hand: mean pooled z on the target minus the mean over references
+    z = lambda a: ((a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdim=True))  # noqa: E731
+                   / a.reshape(len(a), -1).std(1, keepdim=True, unbiased=False)).mean(0)
+    stat = (z(t.double()) - z(r.double())).numpy()
+    assert c["x:contrast_z"].tolist() == np.argsort(-stat, kind="stable").tolist()
+    with pytest.raises(CaplocError, match="same model"):
+        contrast_rankings("x", t, {"ref": torch.zeros(3, 2, 4)})
+    with pytest.raises(CaplocError, match="reference"):
+        contrast_rankings("x", t, {})
 
 
 def test_normalized_directions():

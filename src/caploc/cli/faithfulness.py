@@ -69,6 +69,9 @@ def faithfulness(
     neuron_set: Optional[List[str]] = typer.Option(None, "--set", help="NAME=DIR of a fixed neuron set (e.g. a "
                                                                        "contrast run), shown as a point. Repeatable."),
     mask: Optional[Path] = typer.Option(None, help="A `caploc learn-mask` directory: its ranking and its set."),
+    reference: Optional[List[str]] = typer.Option(None, help="NAME=DIR of a locate run on another capability (same "
+                                                  "model and scorer): adds each --run's contrastive rankings "
+                                                  "(contrast_z, contrast_freq). Repeatable."),
     norms: str = typer.Option("pooled,layer_z", help="Score normalizations for rankings: raw,pooled,layer_z,layer_max."),
     freq: bool = typer.Option(True, help="Also rank by sigma-rule selection frequency (CNL with S swept)."),
     sigma: float = typer.Option(6.0),
@@ -88,7 +91,7 @@ def faithfulness(
 
     from ..report.faithfulness import write_report
     from ..results import NeuronSet
-    from ..stages.faithfulness import encoded_sets, rankings_from_scores
+    from ..stages.faithfulness import contrast_rankings, encoded_sets, rankings_from_scores
     from ..stages.faithfulness import faithfulness as run_faithfulness
     from ..stages.fidelity import load_partial
     from ..stages.masklearn import MaskResult, mean_activations
@@ -100,12 +103,19 @@ def faithfulness(
     if not runs and mask is None:
         raise CaplocError("nothing to rank: pass --run NAME=DIR and/or --mask DIR")
     lm = load_model_from_opts(model, dtype, device, None, None)
+    ref_dirs = _named(reference, "reference")
+    refs = {k: load_partial(v) for k, v in ref_dirs.items()}
     rankings, used = {}, {}
     for name, d in runs.items():
         part = load_partial(d)
         used[name] = {"dir": str(d), "n_samples": int(part["scores"].shape[0]), "of": part["n_total"],
                       "attribution": part["spec"].get("attribution")}
         rankings.update(rankings_from_scores(name, part["scores"], split_list(norms), freq, sigma))
+        if refs:
+            rankings.update(contrast_rankings(name, part["scores"], {k: r["scores"] for k, r in refs.items()}, sigma))
+    for k, r in refs.items():
+        used[f"reference:{k}"] = {"dir": str(ref_dirs[k]), "n_samples": int(r["scores"].shape[0]),
+                                  "attribution": r["spec"].get("attribution")}
     exclude = set()
     if mask is not None:
         mr = MaskResult.load(mask)

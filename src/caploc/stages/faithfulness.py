@@ -87,6 +87,32 @@ def frequency_ranking(scores: torch.Tensor, sigma: float = 6.0, norm: str = "poo
     return rank_by(counts, z.mean(0).reshape(-1).numpy())
 
 
+def contrast_rankings(name: str, target: torch.Tensor, references: dict[str, torch.Tensor],
+                      sigma: float = 6.0) -> dict[str, np.ndarray]:
+    """The contrastive rules (:mod:`caploc.stages.contrast_rules`) made threshold-free, from per-sample scores of the
+    target [N, L, d] and of reference capabilities {name: [N_r, L, d]} (same model and scorer):
+
+    * ``<name>:contrast_z`` -- the ``score-diff`` statistic: the mean per-sample z-score (pooled over all neurons) on
+      the target minus its mean over the references (an equal-weight mix), ties by the target's mean z;
+    * ``<name>:contrast_freq`` -- the ``freq-diff`` statistic: the sigma rule's selection frequency on the target
+      minus the mean over the references (``subtract`` with the frequency threshold swept), ties by ``contrast_z``.
+    """
+    if not references:
+        raise CaplocError("contrastive rankings need at least one reference run")
+    shape = tuple(target.shape[1:])
+    for k, v in references.items():
+        if tuple(v.shape[1:]) != shape:
+            raise CaplocError(f"reference run {k!r} scores {tuple(v.shape[1:])} neurons per layer x layers, the "
+                              f"target {shape}: score every run on the same model")
+    zt = normalize_scores(target, "pooled")
+    zr = [normalize_scores(v, "pooled") for v in references.values()]
+    mt = zt.mean(0).reshape(-1).numpy()
+    stat_z = mt - np.mean([z.mean(0).reshape(-1).numpy() for z in zr], axis=0)
+    ft = (zt > sigma).double().mean(0).reshape(-1).numpy()
+    stat_f = ft - np.mean([(z > sigma).double().mean(0).reshape(-1).numpy() for z in zr], axis=0)
+    return {f"{name}:contrast_z": rank_by(stat_z, mt), f"{name}:contrast_freq": rank_by(stat_f, stat_z)}
+
+
 def random_rankings(n: int, n_rankings: int, seed: int) -> list[np.ndarray]:
     """``n_rankings`` uniform random permutations of ``n`` neurons (seeds seed .. seed + n_rankings - 1)."""
     return [np.random.default_rng(seed + i).permutation(n).astype(np.int64) for i in range(n_rankings)]
