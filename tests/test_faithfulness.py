@@ -214,6 +214,14 @@ def test_curves_on_tiny_model(lm, enc):
     assert res.points["erase"]["on"]["s"][1] == pytest.approx(direct, rel=1e-5)
     rows = res.summary_rows()
     assert len(rows) == 2 * 2 * 2 and all(r["random_auc_mean"] is not None for r in rows)
+    # the per-sample record adds up to the means; the bootstrap CI brackets the AUC
+    sp = res.samples
+    assert sum(sp["base"]["on"]) / sum(sp["counts"]["on"]) == pytest.approx(res.base["on"], rel=1e-9)
+    assert sum(sp["nll"]["erase"]["off"]["a"][1]) / sum(sp["counts"]["off"]) == \
+        pytest.approx(res.nll["erase"]["off"]["a"][1], rel=1e-9)
+    for r in rows:
+        lo, hi = r["auc_ci"]
+        assert lo - 1e-9 <= r["auc"] <= hi + 1e-9 or abs(hi - lo) > 0
     band = res.random_band("erase", "on")
     assert np.all(band["lo"] <= band["hi"] + 1e-12)
     for k, p in lm.model.named_parameters():
@@ -229,10 +237,31 @@ def test_result_round_trip_and_report(lm, enc, tmp_path):
                        FaithConfig(lo=0.01, hi=0.5, points=3, n_random=2, directions=("erase",)), progress=False)
     res.save(tmp_path)
     back = FaithResult.load(tmp_path)
-    assert back.ks.tolist() == res.ks.tolist()
+    assert back.ks.tolist() == res.ks.tolist() and back.samples == res.samples
     assert back.area("erase", "on", "b") == pytest.approx(res.area("erase", "on", "b"))
     rep = write_report(back, tmp_path)
     assert rep.exists() and (tmp_path / "faithfulness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_auc_ci_closed_forms():
+    """Identical samples: every resample is the sample itself, so the CI is the AUC. Two samples whose curves differ:
+    the CI spans the AUCs of each sample alone (the extreme resamples) and no more."""
+    ks = np.array([1, 10, 100])
+    one = {"counts": {"on": [2, 2]}, "base": {"on": [2.0, 2.0]}, "ablated": {"erase": {"on": [12.0, 12.0]}},
+           "nll": {"erase": {"on": {"m": [[4.0, 4.0], [8.0, 8.0], [12.0, 12.0]]}}}}
+    res = FaithResult(ks, 1000, {"erase": {"on": {"m": [2.0, 4.0, 6.0]}}}, {"on": 1.0}, {"erase": {"on": 6.0}},
+                      samples=one)
+    assert res.area("erase", "on", "m") == pytest.approx(0.6)  # y = 0.2, 0.6, 1.0 over x = 0, .5, 1
+    lo, hi = res.auc_ci("erase", "on", "m")
+    assert lo == pytest.approx(0.6) and hi == pytest.approx(0.6)
+    two = {"counts": {"on": [1, 1]}, "base": {"on": [1.0, 1.0]}, "ablated": {"erase": {"on": [11.0, 11.0]}},
+           "nll": {"erase": {"on": {"m": [[1.0, 11.0], [1.0, 11.0], [1.0, 11.0]]}}}}
+    res2 = FaithResult(ks, 1000, {"erase": {"on": {"m": [6.0, 6.0, 6.0]}}}, {"on": 1.0}, {"erase": {"on": 11.0}},
+                       samples=two)
+    assert res2.area("erase", "on", "m") == pytest.approx(0.5)
+    lo, hi = res2.auc_ci("erase", "on", "m", n_boot=4000)
+    assert lo == pytest.approx(0.0) and hi == pytest.approx(1.0)  # {0, 0.5, 1} with probabilities 1/4, 1/2, 1/4
+    assert FaithResult(ks, 1000, res.nll, res.base, res.ablated).auc_ci("erase", "on", "m") is None
 
 
 def test_bad_inputs(lm, enc):

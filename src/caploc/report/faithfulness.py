@@ -61,7 +61,8 @@ def write_report(res: FaithResult, out_dir: Path | str) -> Path:
     out_dir = Path(out_dir)
     rows = res.summary_rows()
     fig = figure(res, out_dir / "faithfulness.png")
-    table = [[r["direction"], r["dataset"], r["role"], r["method"], _r(r["auc"]), _r(r["random_auc_mean"]),
+    table = [[r["direction"], r["dataset"], r["role"], r["method"], _r(r["auc"]),
+              f"[{_r(r['auc_ci'][0])}, {_r(r['auc_ci'][1])}]" if r.get("auc_ci") else "-", _r(r["random_auc_mean"]),
               _r(r["random_auc_sd"]), _r(r["random_auc_max"]), _r(r["z_vs_random"], 2), _r(r["share_random_ge"], 3)]
              for r in rows]
     pts = []
@@ -73,7 +74,8 @@ def write_report(res: FaithResult, out_dir: Path | str) -> Path:
     claims = {}
     for r in rows:
         claims[f"auc[{r['direction']},{r['dataset']},{r['method']}]"] = {
-            "value": _r(r["auc"]), "chance": _r(r["random_auc_mean"]), "z": _r(r["z_vs_random"], 2)}
+            "value": _r(r["auc"]), "ci": [_r(x) for x in r["auc_ci"]] if r.get("auc_ci") else None,
+            "chance": _r(r["random_auc_mean"]), "z": _r(r["z_vs_random"], 2)}
     m = res.meta
     text = [f"Model {m.get('model_id')}; {res.n_neurons} MLP neurons; budgets k = {', '.join(map(str, res.ks))} "
             f"({100 * res.ks[0] / res.n_neurons:.3g}% to {100 * res.ks[-1] / res.n_neurons:.3g}% of MLP neurons). "
@@ -87,8 +89,11 @@ def write_report(res: FaithResult, out_dir: Path | str) -> Path:
     rep = {"kind": "faithfulness", "title": "Faithfulness curves (threshold-free localization comparison)",
            "text": text,
            "tables": [{"title": "Area under the normalized curve", "columns": [
-               "direction", "dataset", "role", "method", "AUC", "random AUC mean", "random AUC sd", "random AUC max",
-               "z vs random", "share of random AUC >= method"], "rows": table, "note": NORMALIZATION},
+               "direction", "dataset", "role", "method", "AUC", "AUC 95% CI (samples)", "random AUC mean",
+               "random AUC sd", "random AUC max",
+               "z vs random", "share of random AUC >= method"], "rows": table,
+               "note": NORMALIZATION + " The CI resamples the held-out samples (percentile bootstrap, 2000 draws); "
+               "the random columns vary the ranking on the same samples."},
                {"title": "Fixed neuron sets", "columns": ["direction", "dataset", "set", "k", "NLL/token",
                                                             "ΔNLL/token", "normalized"], "rows": pts}],
            "figures": [{"title": "Faithfulness curves", "file": fig.name,

@@ -252,6 +252,10 @@ class FaithResult:
     points: dict = field(default_factory=dict)
     roles: dict = field(default_factory=dict)  # label -> on | off
     meta: dict = field(default_factory=dict)
+    #: per held-out sample, for bootstrap CIs: ``counts[label]`` target tokens, ``base[label]`` / ``ablated[direction]
+    #: [label]`` summed NLLs, ``nll[direction][label][method]`` summed NLLs per budget ([K][S]); empty in results
+    #: written before it was recorded
+    samples: dict = field(default_factory=dict)
 
     def methods(self) -> list[str]:
         d = next(iter(self.nll.values()))
@@ -267,6 +271,30 @@ class FaithResult:
 
     def area(self, direction: str, label: str, method: str) -> float:
         return auc(self.ks, self.curve(direction, label, method))
+
+    def auc_ci(self, direction: str, label: str, method: str, n_boot: int = 2000, seed: int = 0,
+               level: float = 0.95) -> tuple[float, float] | None:
+        """Percentile bootstrap CI of the method's AUC over the held-out samples of ``label``: each resample draws
+        samples with replacement and recomputes every NLL per token (untouched, fully ablated, each budget) as a
+        ratio of summed NLL to summed tokens over the drawn samples, then the normalized curve and its AUC. None
+        when the result has no per-sample record."""
+        sp = self.samples
+        if not sp or method not in sp.get("nll", {}).get(direction, {}).get(label, {}):
+            return None
+        c = np.asarray(sp["counts"][label], dtype=np.float64)
+        idx = np.random.default_rng(seed).integers(0, c.size, size=(n_boot, c.size))
+        tok = c[idx].sum(1)
+        ratio = lambda v: np.asarray(v, dtype=np.float64)[..., idx].sum(-1) / tok  # noqa: E731 - [..., n_boot]
+        base, abl = ratio(sp["base"][label]), ratio(sp["ablated"][direction][label])
+        y = ratio(sp["nll"][direction][label][method])  # [K, n_boot]
+        den = np.where(np.abs(abl - base) < 1e-12, np.nan, abl - base)
+        y = (y - base) / den if direction == "erase" else (abl - y) / den
+        x = np.log(self.ks / self.ks[0]) / math.log(self.ks[-1] / self.ks[0])
+        a = (np.diff(x)[:, None] * (y[1:] + y[:-1]) / 2).sum(0)
+        a = a[np.isfinite(a)]
+        if not a.size:
+            return None
+        return float(np.percentile(a, 100 * (1 - level) / 2)), float(np.percentile(a, 100 * (1 + level) / 2))
 
     def random_band(self, direction: str, label: str, q=(5, 95)) -> dict:
         """Per budget: mean and percentiles of the random rankings' normalized curves, and their AUCs."""
@@ -289,6 +317,7 @@ class FaithResult:
                     a = self.area(d, lab, m)
                     rows.append({
                         "direction": d, "dataset": lab, "role": self.roles.get(lab), "method": m, "auc": a,
+                        "auc_ci": self.auc_ci(d, lab, m),
                         "random_auc_mean": float(ra.mean()) if ra.size else None,
                         "random_auc_sd": float(ra.std(ddof=1)) if ra.size > 1 else None,
                         "random_auc_max": float(ra.max()) if ra.size else None,
@@ -301,7 +330,7 @@ class FaithResult:
     def to_dict(self) -> dict:
         return {"kind": "faithfulness", "ks": self.ks.tolist(), "n_neurons": self.n_neurons, "nll": _lists(self.nll),
                 "base": self.base, "ablated": self.ablated, "points": _lists(self.points), "roles": self.roles,
-                "meta": self.meta}
+                "meta": self.meta, "samples": _lists(self.samples)}
 
     def save(self, out_dir: Path | str) -> Path:
         out_dir = Path(out_dir)
@@ -314,20 +343,23 @@ class FaithResult:
         if js.get("kind") != "faithfulness":
             raise CaplocError(f"{out_dir} is not a caploc faithfulness directory")
         return cls(np.asarray(js["ks"], dtype=np.int64), int(js["n_neurons"]), js["nll"], js["base"], js["ablated"],
-                   js.get("points", {}), js.get("roles", {}), js.get("meta", {}))
+                   js.get("points", {}), js.get("roles", {}), js.get("meta", {}), js.get("samples", {}))
 
 
 def _lists(d):
     if isinstance(d, dict):
         return {k: _lists(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_lists(v) for v in d]
     if isinstance(d, np.ndarray):
         return d.tolist()
     return d
 
 
-def _nll(lm, encoded, cfg: FaithConfig) -> float:
+def _nll(lm, encoded, cfg: FaithConfig) -> tuple[float, np.ndarray, np.ndarray]:
+    """NLL per target token of ``encoded``, and the per-sample summed NLLs and token counts behind it."""
     sums, counts = nll_sums(lm, encoded, batch_size=cfg.batch_size, progress=False, memory_mb=cfg.memory_mb)
-    return float(sums.sum() / counts.sum())
+    return float(sums.sum() / counts.sum()), sums, counts
 
 
 def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, list, str]],
@@ -350,7 +382,10 @@ def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, 
     allr = dict(rankings)
     for i, r in enumerate(random_rankings(n, cfg.n_random, cfg.seed)):
         allr[f"random:{i}"] = r
-    base = {lab: _nll(lm, enc, cfg) for lab, enc, _ in datasets}
+    first = {lab: _nll(lm, enc, cfg) for lab, enc, _ in datasets}
+    base = {lab: v[0] for lab, v in first.items()}
+    per = {"counts": {lab: v[2] for lab, v in first.items()}, "base": {lab: v[1] for lab, v in first.items()},
+           "ablated": {}, "nll": {}}
     nll, ablated, points = {}, {}, {}
     jobs = len(cfg.directions) * (len(allr) * len(ks) + len(sets or {}))
     with progress_bar(jobs, "faithfulness", "intervention", progress) as bar:
@@ -358,25 +393,31 @@ def faithfulness(lm, rankings: dict[str, np.ndarray], datasets: list[tuple[str, 
             fill = means if cfg.fill_of(d) == "mean" else None
             keep = d == "keep"
             with ablate(site, np.arange(n), fill):
-                ablated[d] = {lab: _nll(lm, enc, cfg) for lab, enc, _ in datasets}
+                full = {lab: _nll(lm, enc, cfg) for lab, enc, _ in datasets}
+            ablated[d] = {lab: v[0] for lab, v in full.items()}
+            per["ablated"][d] = {lab: v[1] for lab, v in full.items()}
             nll[d] = {lab: {} for lab, _, _ in datasets}
+            per["nll"][d] = {lab: {} for lab, _, _ in datasets}
             for name, r in allr.items():
                 for lab, _, _ in datasets:
-                    nll[d][lab][name] = []
+                    nll[d][lab][name], per["nll"][d][lab][name] = [], []
                 for k in ks:
                     with ablate(site, r[:k], fill, complement=keep):
                         for lab, enc, _ in datasets:
-                            nll[d][lab][name].append(_nll(lm, enc, cfg))
+                            v, sums, _ = _nll(lm, enc, cfg)
+                            nll[d][lab][name].append(v)
+                            per["nll"][d][lab][name].append(sums)
                     bar.update(1)
             points[d] = {lab: {} for lab, _, _ in datasets}
             for name, s in (sets or {}).items():
                 s.check_compatible(site)
                 with ablate(site, s.flat, fill, complement=keep):
                     for lab, enc, _ in datasets:
-                        points[d][lab][name] = [len(s), _nll(lm, enc, cfg)]
+                        points[d][lab][name] = [len(s), _nll(lm, enc, cfg)[0]]
                 bar.update(1)
             log.info("faithfulness: %s done", d)
     info = {"config": cfg.to_dict(), "model_id": lm.info.get("model_id"),
             "model_fingerprint": lm.info.get("fingerprint"), "n_samples": {lab: len(enc) for lab, enc, _ in datasets},
             "n_target_tokens": {lab: int(sum(e.target_len for e in enc)) for lab, enc, _ in datasets}, **(meta or {})}
-    return FaithResult(ks, n, nll, base, ablated, points, {lab: role for lab, _, role in datasets}, info)
+    return FaithResult(ks, n, nll, base, ablated, points, {lab: role for lab, _, role in datasets}, info,
+                       _lists(per))
