@@ -40,7 +40,8 @@ class KNConfig:
                              min_exclusive=True)
     positions: str = setting("last", help="KN/CNL manipulation at the last prompt position or all positions.",
                              choices=POSITIONS)
-    memory_mb: float = setting(2048.0, help="Attribution memory budget (MB).", min=0.0, min_exclusive=True)
+    memory_mb: float | None = setting(None, help="Attribution memory budget (MB); default: from free memory (on a "
+                                      "CPU at most 512 MB).", min=0.0, min_exclusive=True)
 
     def __post_init__(self):
         check(self)
