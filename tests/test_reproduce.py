@@ -135,6 +135,12 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     seen.clear()
     reproduce(load_study(p), progress=lambda s, w: seen.append((s, w)))
     assert all(w == "cached" for _, w in seen) and len(seen) == len(STAGES)
+    # an execution-only setting (the memory budget) reruns nothing
+    p.write_text(TINY.format(out=out).replace('method = "grad_x_act"', 'method = "grad_x_act"\nmemory_mb = 64.0')
+                 .replace("act_matched = true", "act_matched = true\nmemory_mb = 32.0"))
+    seen.clear()
+    reproduce(load_study(p), progress=lambda s, w: seen.append((s, w)))
+    assert all(w == "cached" for _, w in seen)
     # a changed sweep section reruns only the sweep
     p.write_text(TINY.format(out=out).replace("topks = [5]", "topks = [5, 10]"))
     seen.clear()

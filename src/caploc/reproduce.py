@@ -199,6 +199,18 @@ def reproduce(study: Study, *, lm_loader: Callable[[], Any] | None = None, only:
         return _reproduce(study, lm_loader or _default_loader(study), only, force, progress)
 
 
+#: settings that change how a stage runs (memory, batching under a budget), not what it finds: a stage is not rerun
+#: when only these change (e.g. a lower memory_mb after running out of memory), so they stay out of its fingerprint
+EXECUTION_ONLY = frozenset({"memory_mb"})
+
+
+def result_settings(section):
+    """A stage section without :data:`EXECUTION_ONLY` keys (at any depth): what its fingerprint hashes."""
+    if isinstance(section, dict):
+        return {k: result_settings(v) for k, v in section.items() if k not in EXECUTION_ONLY}
+    return section
+
+
 def _reproduce(study: Study, lm_loader, only, force, progress) -> dict:
     out = study.out
     ctx = _Ctx(study, lm_loader)
@@ -209,7 +221,7 @@ def _reproduce(study: Study, lm_loader, only, force, progress) -> dict:
         if not study.enabled(stage) or (only and stage not in only):
             continue
         deps = {d: ctx.fingerprints.get(d) for d in DEPENDS[stage]}
-        fp = config_key({"stage": stage, "section": study.section(stage), "base": base, "deps": deps})
+        fp = config_key({"stage": stage, "section": result_settings(study.section(stage)), "base": base, "deps": deps})
         ctx.fingerprints[stage] = fp
         sdir = ctx.dir(stage)
         marker = sdir / ".stage.json"

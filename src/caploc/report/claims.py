@@ -61,7 +61,8 @@ def _ours(c) -> str:
     if mean is not None:
         parts.append(f"random {_num(mean)}" + (f" ± {_num(sd)}" if sd is not None else "")
                      + (f" (n = {n})" if n is not None else ""))
-    for key, label in (("z", "z"), ("z_on", "z on"), ("z_off", "z off"), ("p", "permutation p"), ("p_two_sided", "normal p"),
+    for key, label in (("z", "z"), ("z_on", "z on"), ("z_off", "z off"), ("p", "permutation p (one-sided)"),
+                       ("p_two_sided", "two-sided permutation p"),
                        ("k", "k"), ("dataset", "on"), ("worst_off", "worst off-target"), ("best_method", "best")):
         if key in c and c[key] is not None:
             v = c[key]
