@@ -210,7 +210,8 @@ class DecoupleResult:
             for gs in dr.groups.values():
                 for g in gs[:4]:
                     chance.append(chance_iou(dr._sets_of(g), self.n_layers, self.d_mlp, max_pairs=4))
-            d["chance_iou"] = float(np.nanmean(chance)) if chance else float("nan")
+            finite = [c for c in chance if np.isfinite(c)]  # a group whose sets are all empty has no chance IoU
+            d["chance_iou"] = float(np.mean(finite)) if finite else float("nan")
             c = d["iou"]
             d["follows_commonality"] = bool(c["commonality_minus_content"]["ci"][0] > 0)
             out[name] = d
