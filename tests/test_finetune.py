@@ -2,6 +2,7 @@
 state size, training, the multi-arm experiment and the CLI (tiny random models; one real-model test marked real)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -286,6 +287,16 @@ def test_finetune_arms_report_and_untouched_base(tmp_path):
     finally:
         ftmod.train = orig
     assert [a.losses for a in again.arms] == [a.losses for a in res.arms] and again.claims == res.claims
+    # one more random arm: only it trains (each random arm depends on its own seed, not on n_random)
+    trained = []
+    ftmod.train = lambda *a, **k: trained.append(k.get("desc")) or orig(*a, **k)
+    try:
+        more = finetune(lm, ns, train, dataclasses.replace(cfg, n_random=3), tmp_path / "ft", eval_sets=evals,
+                        progress=False)
+    finally:
+        ftmod.train = orig
+    assert len(trained) == 1 and [a.name for a in more.arms if a.kind == "random"][-1] == "random-s1002"
+    assert more.arm("random-s1000").losses == res.arm("random-s1000").losses
     with pytest.raises(CaplocError, match="another configuration"):
         finetune(lm, ns, train, FinetuneConfig(arms=("neurons",), steps=2, lr=0.02), tmp_path / "ft",
                  eval_sets=evals, progress=False)

@@ -143,7 +143,8 @@ def _stage_finetune(ctx: _Ctx, out: Path) -> None:
     if not len(ns) and "neurons" in cfg.arms:
         log.warning("the located set is empty: fine-tuning without the neurons arm")
         cfg = dataclasses.replace(cfg, arms=tuple(a for a in cfg.arms if a != "neurons"))
-    finetune(ctx.lm, ns if len(ns) else None, train, cfg, out, eval_sets=sets, on_target=on)
+    # this runs only when the stage's fingerprint changed: arms of another configuration in its directory are stale
+    finetune(ctx.lm, ns if len(ns) else None, train, cfg, out, eval_sets=sets, on_target=on, overwrite=True)
 
 
 def _stage_audit(ctx: _Ctx, out: Path) -> None:

@@ -135,8 +135,11 @@ class FinetuneExperiment:
         self.encoded = encode_dataset(lm.tokenizer, self.fit_ds, chat=cfg.chat, max_length=cfg.max_length)
         self.pad_id = token_pad_id(lm.tokenizer, getattr(self.model, "config", None))
         # per-arm checkpoints: an interrupted run resumes with its finished arms (same configuration only)
+        # which arms run and how many random ones do not change a finished arm (each random arm has its own seed):
+        # adding random arms to a finished run trains only the new ones
         run_key = config_key({
-            "config": cfg.key_dict(), "model": fingerprint_of(self.model, self.info),
+            "config": {k: v for k, v in cfg.key_dict().items() if k not in ("arms", "n_random")},
+            "model": fingerprint_of(self.model, self.info),
             "train": train_ds.fingerprint(), "eval": {n: ds.fingerprint() for n, ds in self.eval_sets.items()},
             "on_target": sorted(self.on_target), "neurons": None if neurons is None else neurons.flat.tolist(),
         })
