@@ -12,11 +12,11 @@ import torch
 import caploc.measure as measure
 from caploc.data.encode import Encoded
 from caploc.lmhead import batch_nll
-from caploc.memory import ModelShape, fit_count, train_sample_bytes
+from caploc.memory import ModelShape, batches, fit_count, micro_batches, train_sample_bytes
 from caploc.models.layouts import Site
 from caploc.models.tiny import tiny_model
 from caploc.stages.finetune import FinetuneConfig
-from caploc.stages.finetune.train import collate_batch, micro_batches, train
+from caploc.stages.finetune.train import collate_batch, train
 
 train_mod = sys.modules["caploc.stages.finetune.train"]  # the package's `train` attribute is the function
 
@@ -39,6 +39,14 @@ def test_fit_count_by_hand():
     assert fit_count([50, 5], 0, 8, per, 20) == 1  # too long alone: still runs, alone
     assert fit_count([5, 50], 0, 8, per, 20) == 1  # padding to 50 makes the pair too big
     assert fit_count([1, 1, 1], 2, 8, per, 20) == 1  # the last item
+
+
+def test_batches_in_order_or_longest_first():
+    per = lambda T: T  # noqa: E731
+    assert batches([10, 5, 8], 8, per, 20) == [[0, 1], [2]]
+    assert batches([5, 10, 8], 8, per, 20, longest_first=True) == [[1, 2], [0]]
+    assert batches([4, 4, 4], 8, per, 8, longest_first=True) == [[0, 1], [2]]  # ties keep their order
+    assert batches([], 8, per, 8) == []
 
 
 def test_micro_batches_keep_a_fitting_batch_and_split_longest_first():

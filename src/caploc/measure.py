@@ -29,7 +29,7 @@ from .answers import KINDS, answer_kind, dataset_labels, done_fn, is_correct, tr
 from .data import collate, encode_dataset, encode_prompt, pad_id
 from .errors import CaplocError
 from .lmhead import row_nll
-from .memory import ModelShape, eval_sample_bytes, fit_count, model_budgets
+from .memory import ModelShape, batches, eval_sample_bytes, model_budgets
 from .progress import bar as progress_bar
 from .results import atomic_write_json, read_json
 
@@ -133,17 +133,13 @@ def nll_sums(lm, encoded, *, batch_size: int = 8, progress: bool | None = None, 
     n = len(encoded)
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([e.target_len for e in encoded], dtype=np.int64)
-    order = sorted(range(n), key=lambda i: -len(encoded[i]))  # similar lengths share a batch: less padding
     b = model_budgets(model, memory_mb)
     shape, dtype = ModelShape.from_model(model), next(model.parameters()).dtype
     attn = "eager" if getattr(model.config, "_attn_implementation", None) == "eager" else "sdpa"
-    lengths = [len(encoded[i]) for i in order]
+    groups = batches([len(e) for e in encoded], batch_size, lambda T: eval_sample_bytes(shape, T, dtype, attn), b.rows,
+                     longest_first=True)  # similar lengths share a batch: less padding
     with _bar(n, desc, progress) as bar:
-        start = 0
-        while start < n:
-            nb = fit_count(lengths, start, batch_size, lambda T: eval_sample_bytes(shape, T, dtype, attn), b.rows)
-            idx = order[start:start + nb]
-            start += nb
+        for idx in groups:
             ids, mask = collate([encoded[i].input_ids for i in idx], pad)
             tgt = torch.zeros_like(mask, dtype=torch.bool)
             for r, i in enumerate(idx):

@@ -20,6 +20,7 @@ from .formula import (
     activation_bytes_per_token_layer,
     auto_budget_mb,
     bare_forward_backward_bytes,
+    batches,
     budgets,
     bytes_per_logit,
     chunk_tokens,
@@ -30,6 +31,7 @@ from .formula import (
     gxa_peak_bytes,
     gxa_sample_bytes,
     ig_peak_bytes,
+    micro_batches,
     model_budgets,
     train_sample_bytes,
 )
@@ -37,6 +39,6 @@ from .plan import auto_memory_mb, format_plan, plan
 from .runs import eval_run_peak_bytes, gxa_run_peak_bytes, ig_sample_peak_bytes, train_step_peak_bytes
 
 __all__ = [
-    "ModelShape", "count_params", "Budgets", "budgets", "auto_budget_mb", "model_budgets", "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes", "fit_count", "gxa_sample_bytes", "eval_sample_bytes", "train_sample_bytes", "gxa_peak_bytes", "bare_forward_backward_bytes", "MEMORY_HELP", "HEAD_SHARE", "HEAD_CAP", "CPU_AUTO_CAP_MB", "GiB", "MiB", "chunk_tokens", "bytes_per_logit",
+    "ModelShape", "count_params", "Budgets", "budgets", "auto_budget_mb", "model_budgets", "activation_bytes_per_token_layer", "ig_peak_bytes", "engine_row_bytes", "fit_count", "batches", "micro_batches", "gxa_sample_bytes", "eval_sample_bytes", "train_sample_bytes", "gxa_peak_bytes", "bare_forward_backward_bytes", "MEMORY_HELP", "HEAD_SHARE", "HEAD_CAP", "CPU_AUTO_CAP_MB", "GiB", "MiB", "chunk_tokens", "bytes_per_logit",
     "plan", "auto_memory_mb", "format_plan", "ig_sample_peak_bytes", "gxa_run_peak_bytes",
            "eval_run_peak_bytes", "train_step_peak_bytes"]

@@ -328,6 +328,28 @@ def fit_count(lengths, start: int, cap: int, sample_bytes, budget: float) -> int
     return max(n, 1)
 
 
+def batches(lengths, cap: int, sample_bytes, budget: float, *, longest_first: bool = False) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into consecutive batches by :func:`fit_count`, in the given order or longest
+    first (stable: equal lengths keep their order; less padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if longest_first else list(range(len(lengths)))
+    lens = [lengths[i] for i in order]
+    out, start = [], 0
+    while start < len(order):
+        k = fit_count(lens, start, cap, sample_bytes, budget)
+        out.append(order[start:start + k])
+        start += k
+    return out
+
+
+def micro_batches(lengths, budget: float, sample_bytes) -> list[list[int]]:
+    """One training batch's samples (their ``lengths``) grouped into micro-batches that fit ``budget`` bytes: the
+    whole batch in its own order when it fits (the same sums as one batch), else :func:`batches` longest first."""
+    n = len(lengths)
+    if fit_count(lengths, 0, n, sample_bytes, budget) == n:
+        return [list(range(n))]
+    return batches(lengths, n, sample_bytes, budget, longest_first=True)
+
+
 def eval_sample_bytes(shape: ModelShape, seq_len: int, dtype="float32", attn: str = "sdpa") -> int:
     """Bytes one sample of ``seq_len`` tokens costs a no-grad forward (evaluation NLL, interventions), beyond the LM
     head's chunk: the residual stream, the block's input / norm output / attention output (``4 d``), one MLP's
@@ -386,4 +408,4 @@ def bare_forward_backward_bytes(config, seq_len: int, n_scored: int | None = Non
     return terms
 
 
-__all__ = ['ModelShape', 'count_params', 'Budgets', 'budgets', 'auto_budget_mb', 'model_budgets', 'activation_bytes_per_token_layer', 'ig_peak_bytes', 'engine_row_bytes', 'fit_count', 'gxa_sample_bytes', 'eval_sample_bytes', 'train_sample_bytes', 'gxa_peak_bytes', 'bare_forward_backward_bytes', 'MEMORY_HELP', 'HEAD_SHARE', 'HEAD_CAP', 'CPU_AUTO_CAP_MB', 'GiB', 'MiB', 'chunk_tokens', 'bytes_per_logit']
+__all__ = ['ModelShape', 'count_params', 'Budgets', 'budgets', 'auto_budget_mb', 'model_budgets', 'activation_bytes_per_token_layer', 'ig_peak_bytes', 'engine_row_bytes', 'fit_count', 'batches', 'micro_batches', 'gxa_sample_bytes', 'eval_sample_bytes', 'train_sample_bytes', 'gxa_peak_bytes', 'bare_forward_backward_bytes', 'MEMORY_HELP', 'HEAD_SHARE', 'HEAD_CAP', 'CPU_AUTO_CAP_MB', 'GiB', 'MiB', 'chunk_tokens', 'bytes_per_logit']

@@ -6,13 +6,14 @@ from .formula import (
     _elem,
     _head_bytes,
     _shape,
+    batches,
     budgets,
     engine_row_bytes,
     eval_sample_bytes,
-    fit_count,
     gxa_peak_bytes,
     gxa_sample_bytes,
     ig_peak_bytes,
+    micro_batches,
     train_sample_bytes,
 )
 
@@ -79,19 +80,14 @@ def gxa_run_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], *, b
     ``Attributor._gxa_len`` batches them (at most ``batch_size``, padded to the longest, within the rows' share of
     ``memory_mb``). Returns ``{"total", "batch", "batches"}``: the worst batch's peak and size, and every batch's size."""
     s = _shape(config)
-    rows_budget = budgets(memory_mb).rows
-    worst, worst_b, i, sizes = 0, 0, 0, []
-    while i < len(seq_lens):
-        nb = fit_count(seq_lens, i, batch_size, lambda t: gxa_sample_bytes(s, t, dtype, grad, attn), rows_budget)
-        T = max(seq_lens[i : i + nb])
-        n = sum(seq_lens[j] - prompt_lens[j] for j in range(i, i + nb))
-        t = gxa_peak_bytes(s, nb, T, n, dtype, grad=grad, attn=attn, memory_mb=memory_mb,
-                           include_weights=include_weights)["total"]
+    groups = batches(seq_lens, batch_size, lambda t: gxa_sample_bytes(s, t, dtype, grad, attn), budgets(memory_mb).rows)
+    worst, worst_b = 0, 0
+    for g in groups:
+        t = gxa_peak_bytes(s, len(g), max(seq_lens[j] for j in g), sum(seq_lens[j] - prompt_lens[j] for j in g), dtype,
+                           grad=grad, attn=attn, memory_mb=memory_mb, include_weights=include_weights)["total"]
         if t > worst:
-            worst, worst_b = t, nb
-        sizes.append(nb)
-        i += nb
-    return {"total": worst, "batch": worst_b, "batches": sizes}
+            worst, worst_b = t, len(g)
+    return {"total": worst, "batch": worst_b, "batches": [len(g) for g in groups]}
 
 
 def eval_run_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], *, batch_size: int = 8,
@@ -103,20 +99,16 @@ def eval_run_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], *, 
     Returns ``{"total", "batch", "batches"}``."""
     s = _shape(config)
     b = budgets(memory_mb)
-    order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])
-    lens = [seq_lens[i] for i in order]
+    per = lambda t: eval_sample_bytes(s, t, dtype, attn)  # noqa: E731
+    groups = batches(seq_lens, batch_size, per, b.rows, longest_first=True)
     w = s.n_params * _elem(dtype) if include_weights else 0
-    worst, worst_b, i, sizes = 0, 0, 0, []
-    while i < len(lens):
-        nb = fit_count(lens, i, batch_size, lambda t: eval_sample_bytes(s, t, dtype, attn), b.rows)
-        T = lens[i]
-        n = sum(seq_lens[j] - prompt_lens[j] for j in order[i : i + nb])
-        t = w + nb * eval_sample_bytes(s, T, dtype, attn) + _head_bytes(s, n, dtype, b.head, False)
+    worst, worst_b = 0, 0
+    for g in groups:
+        t = w + len(g) * per(max(seq_lens[j] for j in g)) \
+            + _head_bytes(s, sum(seq_lens[j] - prompt_lens[j] for j in g), dtype, b.head, False)
         if t > worst:
-            worst, worst_b = t, nb
-        sizes.append(nb)
-        i += nb
-    return {"total": worst, "batch": worst_b, "batches": sizes}
+            worst, worst_b = t, len(g)
+    return {"total": worst, "batch": worst_b, "batches": [len(g) for g in groups]}
 
 
 def train_step_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], trainable: int, *,
@@ -124,22 +116,14 @@ def train_step_peak_bytes(config, seq_lens: list[int], prompt_lens: list[int], t
                           include_weights: bool = True) -> dict:
     """Predicted peak bytes of one fine-tuning step on a batch of samples (``seq_lens``, ``prompt_lens``) with
     ``trainable`` parameters: the weights, the trainable parameters' gradients and AdamW's two moments (fp32 when the
-    parameters are), and the worst micro-batch (:func:`caploc.stages.finetune.train.micro_batches`: the whole batch
-    when it fits the rows' share of ``memory_mb``, else longest first) by :func:`.formula.train_sample_bytes` plus the
+    parameters are), and the worst micro-batch (:func:`.formula.micro_batches`: the whole batch when it fits the
+    rows' share of ``memory_mb``, else longest first) by :func:`.formula.train_sample_bytes` plus the
     LM head's chunk with its backward. Returns ``{"total", "optimizer", "micro_batch", "micro_batches"}``."""
     s = _shape(config)
     b = budgets(memory_mb)
     e = _elem(dtype)
     per = lambda t: train_sample_bytes(s, t, dtype, attn)  # noqa: E731
-    n = len(seq_lens)
-    groups = [list(range(n))] if fit_count(seq_lens, 0, n, per, b.rows) == n else None
-    if groups is None:
-        order = sorted(range(n), key=lambda i: -seq_lens[i])
-        lens, groups, i = [seq_lens[j] for j in order], [], 0
-        while i < n:
-            k = fit_count(lens, i, n, per, b.rows)
-            groups.append(order[i : i + k])
-            i += k
+    groups = micro_batches(seq_lens, b.rows, per)
     optimizer = trainable * 3 * e  # gradient + exp_avg + exp_avg_sq
     micro = max(len(g) * per(max(seq_lens[j] for j in g))
                 + _head_bytes(s, sum(seq_lens[j] - prompt_lens[j] for j in g), dtype, b.head, True) for g in groups)

@@ -21,7 +21,7 @@ from ...data import pad_id as token_pad_id
 from ...errors import CaplocError
 from ...hooks import frozen
 from ...lmhead import batch_nll
-from ...memory import ModelShape, fit_count, model_budgets, train_sample_bytes
+from ...memory import ModelShape, micro_batches, model_budgets, train_sample_bytes
 from ...progress import track
 from .adapter import NeuronAdapter, unwrap
 from .config import FinetuneConfig
@@ -100,22 +100,6 @@ class TrainLog:
     n_optimizer_state: int
     lr: float
     step_cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time per step (all threads)
-
-
-def micro_batches(lengths: Sequence[int], budget_rows: float, sample_bytes) -> list[list[int]]:
-    """Positions of one training batch's samples grouped into micro-batches that fit ``budget_rows`` bytes
-    (:func:`caploc.memory.fit_count` with ``sample_bytes(T)`` per sample padded to ``T``): the whole batch in its own
-    order when it fits, else longest first (less padding)."""
-    n = len(lengths)
-    if fit_count(lengths, 0, n, sample_bytes, budget_rows) == n:
-        return [list(range(n))]
-    order = sorted(range(n), key=lambda i: -lengths[i])
-    out, start = [], 0
-    while start < n:
-        k = fit_count([lengths[i] for i in order], start, n, sample_bytes, budget_rows)
-        out.append(order[start:start + k])
-        start += k
-    return out
 
 
 def train(model: nn.Module, params: Sequence[nn.Parameter], encoded: Sequence, cfg: FinetuneConfig, *,
@@ -198,5 +182,5 @@ def train_adapter(lm, adapter: NeuronAdapter, train_ds, cfg: FinetuneConfig, *, 
                      context=lambda: adapter.applied(model), progress=progress, return_optimizer=return_optimizer)
 
 
-__all__ = ["DivergedError", "TrainLog", "batch_order", "collate_batch", "lr_lambda", "micro_batches", "optimizer_state_numel",
+__all__ = ["DivergedError", "TrainLog", "batch_order", "collate_batch", "lr_lambda", "optimizer_state_numel",
            "target_nll", "train", "train_adapter"]
