@@ -128,22 +128,25 @@ def budget_grid(n: int, lo: float = 5e-5, hi: float = 0.02, points: int = 10) ->
     return ks
 
 
-def auc(ks, y) -> float:
-    """Trapezoidal area under ``y`` over ``x = log(k / k_min) / log(k_max / k_min)`` (a constant c gives c)."""
+def auc(ks, y):
+    """Trapezoidal area under ``y`` over ``x = log(k / k_min) / log(k_max / k_min)`` (a constant c gives c). ``y``
+    [K] gives a float; ``y`` [K, ...] one area per trailing index (e.g. bootstrap resamples)."""
     ks = np.asarray(ks, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if ks.size < 2 or ks.size != y.size or np.any(np.diff(ks) <= 0):
+    if ks.size < 2 or y.shape[:1] != (ks.size,) or np.any(np.diff(ks) <= 0):
         raise CaplocError("auc needs >= 2 increasing budgets and one value per budget")
     x = np.log(ks / ks[0]) / math.log(ks[-1] / ks[0])
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+    a = np.tensordot(np.diff(x), (y[1:] + y[:-1]) / 2, axes=1)
+    return float(a) if a.ndim == 0 else a
 
 
-def normalized(direction: str, nll: np.ndarray, base: float, ablated: float) -> np.ndarray:
-    """MIB-style normalization of NLLs (see the module docstring)."""
-    den = ablated - base
-    if abs(den) < 1e-12:
-        return np.full(np.shape(nll), np.nan)
-    return (np.asarray(nll) - base) / den if direction == "erase" else (ablated - np.asarray(nll)) / den
+def normalized(direction: str, nll: np.ndarray, base, ablated) -> np.ndarray:
+    """MIB-style normalization of NLLs (see the module docstring); ``base`` / ``ablated`` scalars or arrays that
+    broadcast against ``nll``; NaN where the full ablation changes nothing (|ablated - base| < 1e-12)."""
+    den = np.asarray(ablated, dtype=np.float64) - base
+    den = np.where(np.abs(den) < 1e-12, np.nan, den)
+    nll = np.asarray(nll, dtype=np.float64)
+    return (nll - base) / den if direction == "erase" else (ablated - nll) / den
 
 
 def rankings_from_scores(name: str, scores: torch.Tensor, norms=("pooled", "layer_z"), freq: bool = True,
@@ -285,12 +288,9 @@ class FaithResult:
         idx = np.random.default_rng(seed).integers(0, c.size, size=(n_boot, c.size))
         tok = c[idx].sum(1)
         ratio = lambda v: np.asarray(v, dtype=np.float64)[..., idx].sum(-1) / tok  # noqa: E731 - [..., n_boot]
-        base, abl = ratio(sp["base"][label]), ratio(sp["ablated"][direction][label])
-        y = ratio(sp["nll"][direction][label][method])  # [K, n_boot]
-        den = np.where(np.abs(abl - base) < 1e-12, np.nan, abl - base)
-        y = (y - base) / den if direction == "erase" else (abl - y) / den
-        x = np.log(self.ks / self.ks[0]) / math.log(self.ks[-1] / self.ks[0])
-        a = (np.diff(x)[:, None] * (y[1:] + y[:-1]) / 2).sum(0)
+        y = normalized(direction, ratio(sp["nll"][direction][label][method]), ratio(sp["base"][label]),
+                       ratio(sp["ablated"][direction][label]))  # [K, n_boot]
+        a = auc(self.ks, y)
         a = a[np.isfinite(a)]
         if not a.size:
             return None
